@@ -1,0 +1,78 @@
+"""The Attributor interface and what every method receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ggda.attribution.properties import PropertyExamples
+from ggda.grouping.base import Grouping
+
+
+@dataclass
+class Checkpoint:
+    """One saved state of the base model.
+
+    Attributes:
+        state_dict: the net's weights.
+        lr: learning rate in force when the checkpoint was taken (TracIn's eta_t).
+        epoch: 1-based epoch after which it was saved.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    lr: float
+    epoch: int
+
+
+@dataclass
+class AttributionTask:
+    """Everything a method needs to score groups against a property.
+
+    Attributes:
+        net: a net of the right architecture (weights are loaded per checkpoint).
+        checkpoints: saved states, oldest first; the last is the final model.
+        x_train: (n, ...) inputs; y_train: (n,) labels.
+        grouping: the partition of the training set.
+        queries: the property's examples (m rows).
+        device: where to compute.
+    """
+
+    net: nn.Module
+    checkpoints: list[Checkpoint]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    grouping: Grouping
+    queries: PropertyExamples
+    device: torch.device | str = "cpu"
+
+
+@dataclass
+class AttributionResult:
+    """Scores (k, m), oriented (train side, query side); positive = the group helps.
+
+    ``aggregation`` is ``sum`` (tau_j is the sum over members) or ``mean``.
+    """
+
+    scores: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, float | int | str] = field(default_factory=dict)
+    aggregation: str = "sum"
+
+
+class Attributor:
+    """A data-attribution method in group form.
+
+    Subclasses implement :meth:`attribute`; they differ only in preconditioning and in
+    which checkpoints they use, and share :mod:`ggda.attribution.gradients`.
+    """
+
+    name = "base"
+
+    def attribute(self, task: AttributionTask) -> AttributionResult:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """What decides this method's scores (for cache keys and logs)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")} | {"name": self.name}

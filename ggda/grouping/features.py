@@ -1,0 +1,90 @@
+"""Feature spaces for clustering the training set.
+
+- ``inputs``: flattened inputs, standardised per feature.
+- ``representations``: penultimate activations h of the trained model (``net.features``).
+- ``gradients`` (Grad-K-Means): closed-form per-sample gradient features from one forward
+  pass. ``last_layer``: the head's parameter gradient (softmax(o) - onehot(y)) outer [h; 1]
+  (flattened, randomly projected when larger than ``proj_dim``); ``logits``: softmax(o) -
+  onehot(y); ``penultimate``: the gradient w.r.t. h, W^T (softmax(o) - onehot(y)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ggda.attribution.projection import RandomProjector
+from ggda.errors import GGDAError, check_choice
+
+FEATURES = ("inputs", "representations", "gradients")
+GRADIENT_KINDS = ("last_layer", "logits", "penultimate")
+
+
+def _need_model(model: nn.Module | None, what: str) -> nn.Module:
+    if model is None:
+        raise GGDAError(f"grouping features `{what}` need the trained model")
+    if not hasattr(model, "features") or not hasattr(model, "head"):
+        raise GGDAError(
+            f"grouping features `{what}` need a net with `features(x)` and `head`; "
+            f"{type(model).__name__} has not got them (use `grouping.features=inputs`)"
+        )
+    return model
+
+
+@torch.no_grad()
+def _forward_features(
+    model: nn.Module, x: torch.Tensor, device, batch: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (n, H), logits (n, C)) in eval mode, batched."""
+    hs, os_ = [], []
+    for s in range(0, x.shape[0], batch):
+        xb = x[s : s + batch].to(device)
+        h = model.features(xb)
+        hs.append(h.flatten(1))
+        os_.append(model.head(h))
+    return torch.cat(hs), torch.cat(os_)
+
+
+def compute_features(
+    kind: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    model: nn.Module | None = None,
+    *,
+    gradient_kind: str = "last_layer",
+    proj_dim: int = 256,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Features (n, f) of the training set in the chosen space."""
+    check_choice("grouping.features", kind, FEATURES)
+    if kind == "inputs":
+        f = x.flatten(1).to(device).float()
+        return (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
+    model = _need_model(model, kind)
+    was_training = model.training
+    model.eval()
+    try:
+        h, logits = _forward_features(model, x, device)
+    finally:
+        model.train(was_training)
+    if kind == "representations":
+        return h.float()
+    check_choice("grouping.gradient_kind", gradient_kind, GRADIENT_KINDS)
+    err = torch.softmax(logits, -1) - F.one_hot(y.to(logits.device), num_classes).to(logits.dtype)
+    if gradient_kind == "logits":
+        return err.float()
+    if gradient_kind == "penultimate":
+        return (err @ model.head.weight).float()
+    # d loss / d W = err outer h, d loss / d b = err: flatten err outer [h; 1].
+    h1 = torch.cat([h, torch.ones_like(h[:, :1])], 1)
+    p = err.shape[1] * h1.shape[1]
+    if p <= proj_dim:
+        return (err[:, :, None] * h1[:, None, :]).flatten(1).float()
+    # Project without forming (n, C*(H+1)): (err outer h1) P = sum_c err_c (h1 P_c),
+    # with P reshaped to (C, H+1, d).
+    P = RandomProjector(p, proj_dim, seed=seed).matrix(h1.device, h1.dtype)
+    P = P.reshape(err.shape[1], h1.shape[1], proj_dim)
+    return torch.einsum("nc,nh,chd->nd", err, h1, P).float()

@@ -1,0 +1,60 @@
+"""The one LightningModule: wraps any plain net, trains it with a :class:`Recipe`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ggda.models.functional import accuracy, per_example_loss
+from ggda.models.training import Recipe, check_finite_loss
+
+
+class GGDAModule(pl.LightningModule):
+    """Trains ``net`` with cross-entropy; records the learning rate in every checkpoint.
+
+    Args:
+        net: the plain torch network.
+        recipe: optimizer/scheduler settings (shared with the lean retraining loop).
+    """
+
+    def __init__(self, net: nn.Module, recipe: Recipe) -> None:
+        super().__init__()
+        self.net = net
+        self.recipe = recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self.net(x)
+        loss = per_example_loss(logits, y).mean()
+        check_finite_loss(loss, "training the base model", self.current_epoch, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self.net(x)
+        self.log("val/loss", per_example_loss(logits, y).mean(), prog_bar=True)
+        self.log("val/acc", accuracy(logits, y), prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        opt, sched = self.recipe.build_optimizer(self.net.parameters())
+        if sched is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def current_lr(self) -> float:
+        """Learning rate of the first param group right now."""
+        if self.trainer is None or not self.trainer.optimizers:
+            return float(self.recipe.lr)
+        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # TracIn weighs each checkpoint by the step size in force while training from it.
+        checkpoint["ggda_lr"] = self.current_lr()
+        checkpoint["ggda_epoch"] = int(self.current_epoch) + 1

@@ -1,0 +1,289 @@
+"""The one place that builds objects from config and runs a job end to end.
+
+``run(cfg)`` loads the data, builds the LightningModule, grouper, method, property,
+retrain service, evaluators, loggers and callbacks, then calls ``trainer.fit``. The
+callbacks group, attribute and evaluate when the fit ends (also when a cached base model
+is resumed and training is skipped). Every run directory ends with ``config.json`` and
+``metrics.json`` written atomically, ``metrics.json`` last: its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ggda import tracking
+from ggda.callbacks.base import GGDACallback, RunContext
+from ggda.data.datamodule import BundleDataModule
+from ggda.errors import GGDAError
+from ggda.io import atomic_write_json, diff_keys, stable_hash
+from ggda.models.module import GGDAModule
+from ggda.models.store import ModelStore
+from ggda.models.training import Recipe
+
+log = logging.getLogger(__name__)
+# Lightning announces every checkpoint load at INFO; our own log says what is reused.
+logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").setLevel(
+    logging.WARNING
+)
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+
+# Config keys that do not change a run's results (so they do not make it "different").
+_VOLATILE = ("overwrite", "logger", "callbacks", "paths", "retrain", "trainer", "hydra")
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """Instantiate a ``_target_`` config node, dropping its display ``name``."""
+    cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    cfg.pop("name", None)
+    return instantiate(cfg, _convert_="all", **kwargs)
+
+
+def build_recipe(model_cfg: DictConfig) -> Recipe:
+    """The training recipe from the ``model`` config group."""
+    m = OmegaConf.to_container(model_cfg, resolve=True)
+    o = m.get("optim", {})
+    return Recipe(
+        net_factory=build(m["net"]),
+        optimizer=o.get("name", "sgd"),
+        lr=o.get("lr", 0.05),
+        momentum=o.get("momentum", 0.0),
+        weight_decay=o.get("weight_decay", 0.0),
+        scheduler=o.get("scheduler", "none"),
+        step_gamma=o.get("step_gamma", 0.1),
+        step_every=o.get("step_every", 10),
+        epochs=m["epochs"],
+        batch_size=m["batch_size"],
+        save_epochs=list(m.get("save_epochs", [])),
+    )
+
+
+def cache_keys(
+    cfg: DictConfig, grouper_cfg: dict, uses_model: bool, method_cfg: dict, prop_cfg: dict
+) -> dict[str, str]:
+    """Keys of the cached artifacts, each a hash of exactly what decides it."""
+    data = OmegaConf.to_container(cfg.dataset, resolve=True)
+    data.pop("num_queries", None)  # queries do not change training or the eval logits
+    data_key = stable_hash(data)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    recipe_key = stable_hash({"data": data_key, "model": model})
+    model_key = stable_hash(
+        {
+            "recipe": recipe_key,
+            "seed": int(cfg.seed),
+            "precision": str(cfg.trainer.get("precision", "32-true")),
+        }
+    )
+    grouping_key = stable_hash(
+        {"data": data_key, "grouper": grouper_cfg, "model": model_key if uses_model else None}
+    )
+    scores_key = stable_hash(
+        {"model": model_key, "grouping": grouping_key, "method": method_cfg, "property": prop_cfg}
+    )
+    return {
+        "data": data_key,
+        "recipe": recipe_key,
+        "model": model_key,
+        "grouping": grouping_key,
+        "scores": scores_key,
+    }
+
+
+def results_config(cfg: DictConfig) -> dict:
+    """The resolved config minus keys that do not change results."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in full.items() if k not in _VOLATILE}
+
+
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """Refuse to overwrite finished results of another config; return them if the same.
+
+    Returns:
+        The finished run's metrics when the directory holds a finished run of the same
+        config (nothing to do), else None.
+    """
+    metrics_path = run_dir / "metrics.json"
+    config_path = run_dir / "config.json"
+    if not metrics_path.exists():
+        return None
+    import json
+
+    try:
+        prev_cfg = json.loads(config_path.read_text())["results_config"]
+        prev_metrics = json.loads(metrics_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        prev_cfg, prev_metrics = None, None
+    if cfg.get("overwrite", False):
+        log.warning("overwrite=true: replacing the finished results in %s", run_dir)
+        return None
+    now = results_config(cfg)
+    if prev_cfg == now and prev_metrics is not None:
+        return prev_metrics
+    keys = diff_keys(prev_cfg, now) if prev_cfg is not None else ["<unreadable config.json>"]
+    raise GGDAError(
+        f"{run_dir} already holds finished results of a different config "
+        f"(differs in: {', '.join(keys[:8])}). Nothing was overwritten. Set `tag=NAME` to "
+        "write this run elsewhere, or `overwrite=true` to replace those results."
+    )
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under @hydra.main (Python API, tests)
+        return Path(cfg.paths.output_dir) / "runs" / "api"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """Loggers from the ``logger`` group (a dict of ``_target_`` nodes; empty = none)."""
+    loggers = []
+    for _, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        loggers.append(build(node))
+    return loggers
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or reuse) the base model, group, attribute, evaluate; return the metrics."""
+    t_start = time.perf_counter()
+    run_dir = _run_dir(cfg)
+    finished = check_run_dir(run_dir, cfg)
+    if finished is not None:
+        log.info("%s already holds finished results of this config; nothing to do.", run_dir)
+        finished["skipped"] = True
+        return finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.paths.cache_dir)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    # -- objects from config ------------------------------------------------------------
+    t0 = time.perf_counter()
+    bundle = build(cfg.dataset).load()
+    bundle.name = cfg.dataset.name
+    t_data = time.perf_counter() - t0
+    recipe = build_recipe(cfg.model)
+    net = recipe.build_net(bundle.input_shape, bundle.num_classes)
+    module = GGDAModule(net, recipe)
+    grouper = build(cfg.grouping)
+    if grouper.groups is not None:
+        grouper.k_for(bundle.n_train)  # fail before training when `groups` is out of range
+    attributor = build(cfg.method)
+    prop = build(cfg.property)
+    evaluators = [build(node) for node in (cfg.get("evaluation") or {}).values() if node]
+    keys = cache_keys(cfg, grouper.config(), grouper.uses_model, attributor.config(), vars(prop))
+    retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
+    store = ModelStore(
+        cache_dir / "models",
+        keys["model"],
+        {
+            "recipe": keys["recipe"],
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "seed": int(cfg.seed),
+        },
+        recipe.save_epochs,
+    )
+    loggers = build_loggers(cfg, run_dir)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    ctx = RunContext(
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+        bundle=bundle,
+        store=store,
+        grouper=grouper,
+        attributor=attributor,
+        prop=prop,
+        retrain=retrain,
+        evaluators=evaluators,
+        keys=keys,
+        seed=int(cfg.seed),
+        loggers=loggers,
+    )
+    ctx.log(
+        {
+            "time/data": t_data,
+            "data/n_train": bundle.n_train,
+            "data/num_queries": int(bundle.query_idx.numel()),
+        }
+    )
+    callbacks = [build(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    for cb in callbacks:
+        if isinstance(cb, GGDACallback):
+            cb.bind(ctx)
+
+    # -- fit (or resume the cached fit) -------------------------------------------------
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.pop("_target_", None)
+    trainer = pl.Trainer(
+        **trainer_cfg,
+        max_epochs=recipe.epochs,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        default_root_dir=str(run_dir),
+    )
+    status = store.verify()
+    if status != "complete":
+        store.lock()  # another job may be training this very model: wait for it
+        status = store.verify()
+        if status == "complete":
+            store.unlock()
+    if status == "complete":
+        log.info("Reusing the cached base model %s (training skipped).", store.dir)
+    elif status == "partial":
+        log.info("Resuming the interrupted training of %s.", store.dir)
+    ctx.log({"model/cached": float(status == "complete")})
+    dm = BundleDataModule(bundle, recipe.batch_size, seed=int(cfg.seed))
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=store.resume_path(), weights_only=False)
+    finally:
+        store.unlock()
+    ctx.metrics["time/total"] = time.perf_counter() - t_start
+    ctx.metrics["seed"] = int(cfg.seed)
+
+    # -- outputs ------------------------------------------------------------------------
+    atomic_write_json(
+        run_dir / "config.json",
+        {
+            "results_config": results_config(cfg),
+            "resolved": OmegaConf.to_container(cfg, resolve=True),
+            "keys": keys,
+        },
+    )
+    timings = {k: v for k, v in ctx.metrics.items() if k.startswith("time/")}
+    atomic_write_json(run_dir / "timings.json", timings)
+    atomic_write_json(run_dir / "metrics.json", ctx.metrics)  # last: marks the run finished
+    tracking.log_scalars(loggers, {"time/total": ctx.metrics["time/total"]})
+    tracking.finish(loggers)
+    _print_summary(run_dir, ctx.metrics)
+    return ctx.metrics
+
+
+def _print_summary(run_dir: Path, m: dict[str, Any]) -> None:
+    lines = [f"ggda results ({run_dir}):"]
+    for key in sorted(m):
+        if key.split("/")[0] in ("lds", "pruning", "noisy_labels", "loo") and key.endswith("mean"):
+            lines.append(f"  {key:<28s} {m[key]:.4f}")
+    for key in ("time/attribution", "time/grouping", "time/total"):
+        if key in m:
+            lines.append(f"  {key:<28s} {m[key]:.2f} s")
+    print("\n".join(lines), flush=True)
+
+
+def configure_threads() -> None:
+    """Respect OMP_NUM_THREADS when set (joblib workers set it to 1)."""
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit():
+        torch.set_num_threads(int(n))

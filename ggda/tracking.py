@@ -1,0 +1,80 @@
+"""Logging of metrics, tables and figures to the run directory and to Lightning loggers.
+
+Every scalar also lands in ``metrics.json`` (written by the pipeline); tables go to
+``tables/<name>.csv`` and figures to ``figures/<name>.png`` in the run directory, and to
+W&B as ``wandb.Table`` / ``wandb.Image`` when a WandbLogger is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ggda.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _is_wandb(logger: Any) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int | None = None) -> None:
+    """Send scalars to every logger (and to the W&B summary, so tables compare runs)."""
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not clean:
+        return
+    for lg in loggers:
+        lg.log_metrics(clean, step=step)
+        if _is_wandb(lg):
+            for k, v in clean.items():
+                lg.experiment.summary[k] = v if math.isfinite(v) else None
+
+
+def log_table(run_dir: Path, loggers: Sequence[Any], name: str, df: pd.DataFrame) -> Path:
+    """Write ``tables/<name>.csv`` atomically and log the table to W&B."""
+    path = Path(run_dir) / "tables" / f"{name.replace('/', '_')}.csv"
+    atomic_write_bytes(path, df.to_csv(index=False).encode())
+    for lg in loggers:
+        if _is_wandb(lg):
+            import wandb
+
+            lg.experiment.log({f"table/{name}": wandb.Table(dataframe=df)})
+    return path
+
+
+def log_figure(run_dir: Path, loggers: Sequence[Any], name: str, fig: Any) -> Path:
+    """Save ``figures/<name>.png`` and log it to W&B; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "figures" / f"{name.replace('/', '_')}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    for lg in loggers:
+        if _is_wandb(lg):
+            import wandb
+
+            lg.experiment.log({f"figure/{name}": wandb.Image(str(path))})
+    plt.close(fig)
+    return path
+
+
+def finish(loggers: Sequence[Any]) -> None:
+    """Flush loggers; end the W&B run so the next sweep job starts a new one."""
+    for lg in loggers:
+        try:
+            lg.save()
+        except Exception:  # a logger that cannot save must not lose the run's results
+            log.warning("logger %s failed to save", type(lg).__name__, exc_info=True)
+        if _is_wandb(lg):
+            import wandb
+
+            wandb.finish()

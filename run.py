@@ -1,0 +1,26 @@
+"""ggda entry point: ``python run.py [group=option ...] [key=value ...]`` (Hydra)."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ggda.errors import GGDAError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from ggda import pipeline
+
+    pipeline.configure_threads()
+    try:
+        metrics = pipeline.run(cfg)
+    except GGDAError as e:  # the user's to fix: say how, without a traceback
+        logging.getLogger("ggda").error("%s", e)
+        sys.exit(2)
+    return metrics.get("lds/point/mean")
+
+
+if __name__ == "__main__":
+    main()
