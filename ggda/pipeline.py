@@ -21,7 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ggda import tracking
+from ggda.attribution.base import Checkpoint
 from ggda.callbacks.base import GGDACallback, RunContext
+from ggda.callbacks.checkpoint import EpochCheckpoint
 from ggda.data.datamodule import BundleDataModule
 from ggda.errors import GGDAError
 from ggda.io import atomic_write_json, diff_keys, stable_hash
@@ -95,6 +97,64 @@ def cache_keys(
         "grouping": grouping_key,
         "scores": scores_key,
     }
+
+
+def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
+    """Key of a model trained with the recipe and seed (base model or ensemble member)."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    return stable_hash({"recipe": recipe_key, "seed": seed, "precision": precision})
+
+
+def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe) -> ModelStore:
+    """The cache entry of the model trained with the run's recipe and ``seed``."""
+    meta = {
+        "recipe": keys["recipe"],
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "seed": seed,
+    }
+    key = base_model_key(keys["recipe"], seed, cfg)
+    return ModelStore(Path(cfg.paths.cache_dir) / "models", key, meta, recipe.save_epochs)
+
+
+def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kw.pop("_target_", None)
+    return kw
+
+
+def train_member(
+    cfg: DictConfig, keys: dict[str, str], bundle: Any, recipe: Recipe, seed: int
+) -> list[Checkpoint]:
+    """Train (or reuse) the model of ``seed`` through the same Lightning path as the base
+    model, without the attribution callbacks; return its checkpoints."""
+    store = model_store(cfg, keys, seed, recipe)
+    if store.verify() != "complete":
+        store.lock()
+        try:
+            if store.verify() != "complete":
+                log.info("Training ensemble member seed=%d into %s", seed, store.dir)
+                pl.seed_everything(seed, workers=True, verbose=False)
+                module = GGDAModule(
+                    recipe.build_net(bundle.input_shape, bundle.num_classes), recipe
+                )
+                kw = _trainer_kwargs(cfg) | {"enable_progress_bar": False}
+                trainer = pl.Trainer(
+                    **kw,
+                    max_epochs=recipe.epochs,
+                    logger=False,
+                    callbacks=[EpochCheckpoint(store)],
+                    enable_checkpointing=False,
+                    default_root_dir=str(store.dir),
+                )
+                trainer.fit(
+                    module,
+                    datamodule=BundleDataModule(bundle, recipe.batch_size, seed),
+                    ckpt_path=store.resume_path(),
+                    weights_only=False,
+                )
+        finally:
+            store.unlock()
+    return store.checkpoints()
 
 
 def results_config(cfg: DictConfig) -> dict:
@@ -183,16 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evaluators = [build(node) for node in (cfg.get("evaluation") or {}).values() if node]
     keys = cache_keys(cfg, grouper.config(), grouper.uses_model, attributor.config(), vars(prop))
     retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
-    store = ModelStore(
-        cache_dir / "models",
-        keys["model"],
-        {
-            "recipe": keys["recipe"],
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "seed": int(cfg.seed),
-        },
-        recipe.save_epochs,
-    )
+    store = model_store(cfg, keys, int(cfg.seed), recipe)
     loggers = build_loggers(cfg, run_dir)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -223,10 +274,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cb.bind(ctx)
 
     # -- fit (or resume the cached fit) -------------------------------------------------
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.pop("_target_", None)
     trainer = pl.Trainer(
-        **trainer_cfg,
+        **_trainer_kwargs(cfg),
         max_epochs=recipe.epochs,
         logger=loggers or False,
         callbacks=callbacks,

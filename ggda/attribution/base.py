@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,10 @@ class AttributionTask:
         grouping: the partition of the training set.
         queries: the property's examples (m rows).
         device: where to compute.
+        ensemble: ``ensemble(count)`` returns the checkpoint lists of ``count`` models
+            trained independently with the base model's recipe (seeds seed+1..seed+count),
+            trained and cached through the same Lightning path as the base model. None when
+            the caller cannot train (plain Python use without a pipeline).
     """
 
     net: nn.Module
@@ -46,6 +51,7 @@ class AttributionTask:
     grouping: Grouping
     queries: PropertyExamples
     device: torch.device | str = "cpu"
+    ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
 
 
 @dataclass
@@ -72,6 +78,16 @@ class Attributor:
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         raise NotImplementedError
+
+    def self_attribute(self, task: AttributionTask) -> AttributionResult:
+        """Each group scored against itself as the query: scores (k, 1).
+
+        The property of group j is the measurement summed over G_j's own training points
+        (with their possibly noisy labels); noisy-label detection ranks groups by it.
+        Convention: the score is the method's influence of G_j on -L_{G_j}, so a large
+        positive value means the group is hard to fit without itself (memorised).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no self-attribution")
 
     def config(self) -> dict:
         """What decides this method's scores (for cache keys and logs)."""

@@ -143,7 +143,7 @@ def iter_group_gradients(
         safe = members.clamp_min(0)
         xg = x[safe].to(device)
         yg = y[safe].to(device)
-        mg = valid.to(device=device, dtype=xg.dtype)
+        mg = valid.to(device=device, dtype=next(iter(params.values())).dtype)
         g = per_group(params, xg, yg, mg)
         flat = _flat(g, len(groups))
         yield groups, projector(flat) if projector else flat
@@ -159,13 +159,14 @@ def group_gradients(
     **kw,
 ) -> torch.Tensor:
     """All summed group gradients at once: (k, d). See :func:`iter_group_gradients`."""
+    if k < 1:
+        raise ValueError(f"need at least one group, got k={k}")
     out: torch.Tensor | None = None
     for groups, g in iter_group_gradients(model, x, y, group_ids, k, fn, **kw):
         if out is None:
             out = g.new_zeros(k, g.shape[1])
         out[groups.to(g.device)] = g
-    assert out is not None
-    return out
+    return out  # type: ignore[return-value]  (k >= 1 so the loop ran)
 
 
 def per_sample_gradients(

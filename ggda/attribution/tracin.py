@@ -138,3 +138,45 @@ class TracIn(Attributor):
             timings={"query_gradients": t_query, "group_gradients": t_train},
             info={"num_checkpoints": len(pick_checkpoints(task.checkpoints, self.checkpoints))},
         )
+
+    def self_attribute(self, task: AttributionTask) -> AttributionResult:
+        """tau_jj = sum_t eta_t ||grad L_{G_j}(theta_t)||^2 (f = -loss on the group itself).
+
+        Returns scores (k, 1). With a projection, the norm is of the projected gradient.
+        """
+        net = task.net.to(task.device).eval()
+        k = task.grouping.k
+        scores: torch.Tensor | None = None
+        t0 = time.perf_counter()
+        cks = pick_checkpoints(task.checkpoints, self.checkpoints)
+        for ck in cks:
+            net.load_state_dict(ck.state_dict)
+            params = select_params(net, self.last_layer)
+            proj = (
+                RandomProjector(num_params(params), self.proj_dim, self.proj_seed, self.proj_type)
+                if self.proj_dim
+                else None
+            )
+            for groups, g in iter_group_gradients(
+                net,
+                task.x_train,
+                task.y_train,
+                task.grouping.group_ids,
+                k,
+                per_example_loss,
+                params=params,
+                projector=proj,
+                backend=self.backend,
+                max_points=self.max_points,
+            ):
+                if scores is None:
+                    scores = g.new_zeros(k, 1)
+                # <grad(-L_G), -grad L_G> = ||grad L_G||^2
+                scores[groups.to(g.device), 0] += ck.lr * (g * g).sum(1)
+        if scores is None:
+            raise GGDAError("TracIn needs at least one checkpoint")
+        return AttributionResult(
+            scores=scores,
+            timings={"self_attribution": time.perf_counter() - t0},
+            info={"num_checkpoints": len(cks)},
+        )

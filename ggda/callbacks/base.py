@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from ggda import tracking
-from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
+from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
 from ggda.attribution.properties import QueryProperty
 from ggda.data.base import DataBundle
 from ggda.evaluation.base import Evaluator
@@ -44,6 +44,7 @@ class RunContext:
     grouping: Grouping | None = None
     task: AttributionTask | None = None
     result: AttributionResult | None = None
+    ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
 
     def log(self, metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
         """Record scalars (for metrics.json) and send them to the loggers."""
