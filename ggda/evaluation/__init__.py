@@ -2,6 +2,16 @@
 
 from ggda.evaluation.base import EvalContext, EvalResult, Evaluator
 from ggda.evaluation.lds import LDS
+from ggda.evaluation.noisy_labels import NoisyLabels
+from ggda.evaluation.pruning import Pruning
 from ggda.evaluation.retrain import RetrainService
 
-__all__ = ["EvalContext", "EvalResult", "Evaluator", "LDS", "RetrainService"]
+__all__ = [
+    "EvalContext",
+    "EvalResult",
+    "Evaluator",
+    "LDS",
+    "NoisyLabels",
+    "Pruning",
+    "RetrainService",
+]
