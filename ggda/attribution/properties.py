@@ -3,18 +3,39 @@
 A property has m rows. Row r is the sum (or mean) of the per-example measurement f over a
 set S_r of evaluation examples, so its gradient is a *group gradient* of f over S_r and
 comes from the same primitive as the training side. The default property is one row per
-query test point; ``reduce: mean`` over the validation split is the pruning property.
+query test point; ``reduce: mean`` over the validation split is the pruning property;
+``classes`` + ``reduce: mean`` is a class-mean property; ``indices: [..]`` an index list.
+
+User functions (:class:`FunctionProperty`): any differentiable function of the model's
+logits on a set of evaluation examples,
+
+    fn(logits (N, C), y (N,)) -> (m,) values, oriented so that higher is better,
+
+given in config as a ``_target_`` node with ``_partial_: true`` (extra keys become keyword
+arguments) or as a dotted path. Its rows need not be sums over examples; their gradients
+come from one reverse-mode Jacobian over the N examples (:func:`query_gradients`), and
+retraining evaluations read their values from the logits (:meth:`FunctionProperty.values`).
+
+Every property object offers ``split``, ``name``, ``measurement``, ``point_indices(bundle)``,
+``examples(bundle) -> PropertyExamples`` and ``values(logits, bundle) -> (..., m)``.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+from torch.func import functional_call, jacrev
 
 from ggda.data.base import DataBundle
-from ggda.errors import ConfigError, check_choice
+from ggda.errors import ConfigError, GGDAError, check_choice
 from ggda.models.functional import MEASUREMENTS, measurement_fn
+
+RowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SPLITS = ("test", "val", "train")
 REDUCES = ("none", "mean")
@@ -30,6 +51,8 @@ class PropertyExamples:
         m: number of rows.
         weight: (m,) factor of each row (1 for sums, 1/|S_r| for means).
         measurement: ``loss`` or ``margin``: the per-example f of every row.
+        fn: a user function ``(logits (N, C), y (N,)) -> (m,)`` over *all* N examples
+            at once; when set it defines the rows and ``row_ids``/``weight`` are unused.
     """
 
     x: torch.Tensor
@@ -38,6 +61,16 @@ class PropertyExamples:
     m: int
     weight: torch.Tensor
     measurement: str = "loss"
+    fn: RowFn | None = None
+
+    def values(self, logits: torch.Tensor) -> torch.Tensor:
+        """Row values from logits (N, C) on these examples: (m,)."""
+        if self.fn is not None:
+            return self.fn(logits, self.y.to(logits.device)).reshape(-1)
+        f = measurement_fn(self.measurement)
+        vals = f(logits, self.y.to(logits.device))
+        out = vals.new_zeros(self.m).index_add_(0, self.row_ids.to(vals.device), vals)
+        return out * self.weight.to(out)
 
 
 class QueryProperty:
@@ -136,3 +169,151 @@ class QueryProperty:
         out = vals.new_zeros(*vals.shape[:-1], ex.m)
         out = out.index_add_(-1, ex.row_ids.to(vals.device), vals)
         return out * ex.weight.to(out)
+
+
+def _resolve(spec: Any) -> RowFn:
+    """A callable from a dotted path, a ``_target_`` node (partial) or a callable."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, str):
+        mod, _, attr = spec.rpartition(".")
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError("property.fn", spec, "an importable dotted path to a function") from e
+    if isinstance(spec, dict) and "_target_" in spec:
+        kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+        base = _resolve(spec["_target_"])
+
+        def bound(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return base(logits, y, **kwargs)
+
+        return bound
+    raise ConfigError("property.fn", spec, "a `_target_` node, a dotted path or a callable")
+
+
+class FunctionProperty(QueryProperty):
+    """A user function of the model's outputs on a set of evaluation examples.
+
+    The interface of the function (documented in the module docstring)::
+
+        fn(logits: Tensor (N, C), y: Tensor (N,), **kwargs) -> Tensor (m,)
+
+    differentiable in ``logits``, higher = better for the user. It receives the logits on
+    the selected examples of ``split`` (``indices``, ``classes`` as for
+    :class:`QueryProperty`) in a fixed order, all at once.
+
+    Args:
+        fn: ``{"_target_": "pkg.mod.func", **kwargs}`` (put ``_recursive_: false`` in the
+            property config so Hydra hands the node over unbuilt and it stays hashable),
+            a dotted path, or a callable (Python use).
+        split, indices, classes, name: as for :class:`QueryProperty`.
+        measurement: recorded for methods that only know per-example measurements.
+    """
+
+    def __init__(
+        self,
+        fn: Any,
+        split: str = "val",
+        indices: str | list[int] = "all",
+        classes: list[int] | None = None,
+        measurement: str = "loss",
+        name: str = "function",
+    ) -> None:
+        super().__init__(split, indices, classes, "none", False, measurement, name)
+        self._fn = _resolve(fn)
+        # A JSON-friendly description, so the pipeline can hash vars(self) for caching.
+        self.fn = fn if isinstance(fn, (str, dict)) else getattr(fn, "__qualname__", repr(fn))
+
+    def examples(self, bundle: DataBundle) -> PropertyExamples:
+        x, y = bundle.split(self.split)
+        idx = self.point_indices(bundle)
+        xi, yi = x[idx], y[idx]
+        probe = self._fn(torch.zeros(idx.numel(), bundle.num_classes), yi)
+        if probe.ndim > 1 or not torch.is_floating_point(probe):
+            raise GGDAError(
+                f"property function {self.fn!r} must return a 1-d float tensor (m,), "
+                f"got shape {tuple(probe.shape)} dtype {probe.dtype}"
+            )
+        m = max(1, probe.numel())
+        return PropertyExamples(
+            xi,
+            yi,
+            torch.zeros(idx.numel(), dtype=torch.long),
+            m,
+            torch.ones(m, dtype=torch.double),
+            self.measurement,
+            fn=self._fn,
+        )
+
+    def values(self, logits: torch.Tensor, bundle: DataBundle) -> torch.Tensor:
+        """(..., N_split, C) logits on the whole split -> (..., m) property values."""
+        _, y = bundle.split(self.split)
+        idx = self.point_indices(bundle)
+        lg = logits[..., idx, :]
+        lead = lg.shape[:-2]
+        flat = lg.reshape(-1, *lg.shape[-2:])
+        yy = y[idx].to(lg.device)
+        out = torch.stack([self._fn(row, yy).reshape(-1) for row in flat])
+        return out.reshape(*lead, out.shape[-1])
+
+
+def mean_true_class_probability(
+    logits: torch.Tensor, y: torch.Tensor, classes: list[int] | None = None
+) -> torch.Tensor:
+    """Example user function: mean softmax probability of the true class, (1,).
+
+    With ``classes``, one row per listed class (mean over that class's examples; an
+    absent class gives 0). A smooth stand-in for accuracy.
+    """
+    p = torch.softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
+    if classes is None:
+        return p.mean().reshape(1)
+    rows = []
+    for c in classes:
+        sel = y == c
+        rows.append(p[sel].mean() if bool(sel.any()) else p.sum() * 0)
+    return torch.stack(rows)
+
+
+def query_gradients(
+    net: nn.Module,
+    q: PropertyExamples,
+    params: dict[str, torch.Tensor],
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **kw: Any,
+) -> torch.Tensor:
+    """Gradients of the property rows, (m, d), d = p or the projection size.
+
+    Row r is grad_theta of row r's value: weight_r * sum_{i in S_r} grad f(z_i) through the
+    shared group-gradient primitive for measurement properties, or one reverse-mode
+    Jacobian of ``q.fn`` over all examples for user functions.
+
+    Args:
+        net: the model (eval mode), weights loaded.
+        q: the property's examples.
+        params: parameters to differentiate (``select_params``).
+        projector: optional (r, p) -> (r, d) map.
+        **kw: forwarded to :func:`ggda.attribution.gradients.group_gradients`
+            (``backend``, ``max_points``).
+    """
+    from ggda.attribution.gradients import group_gradients  # local: avoids an import cycle
+
+    if q.fn is None:
+        f = measurement_fn(q.measurement)
+        g = group_gradients(
+            net, q.x, q.y, q.row_ids, q.m, f, params=params, projector=projector, **kw
+        )
+        return g * q.weight.to(g)[:, None]
+    device = next(iter(params.values())).device
+    buffers = {k: v.detach() for k, v in net.named_buffers()}
+    x = q.x.to(device)
+    y = q.y.to(device)
+    fn = q.fn
+
+    def rows(prm: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fn(functional_call(net, (prm, buffers), (x,)), y).reshape(-1)
+
+    jac = jacrev(rows)(params)
+    flat = torch.cat([jac[k].reshape(q.m, -1) for k in params], dim=1)
+    return projector(flat) if projector is not None else flat
