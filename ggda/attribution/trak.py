@@ -1,0 +1,236 @@
+"""TRAK in group form (design §3).
+
+For one model (one checkpoint), with P a seeded random projection (p, d) and F the margin
+(logit of the label minus logsumexp of the others):
+
+    phi(z)   = P^T grad F(z)                                   (d,)   train features
+    phi_q    = P^T grad f_q                                    (d,)   property row q
+    num_j    = sum_{i in G_j} (1 - p_i) phi(z_i) = -P^T grad L_{G_j}   (cross-entropy)
+    tau_{jq} = phi_q^T (K + lambda I)^{-1} num_j
+
+and the scores are averaged over an ensemble of independently trained models (and over the
+chosen checkpoints of each). The kernel K (d, d) is
+
+- ``points``: K = sum_i phi(z_i) phi(z_i)^T over all n training points (faithful; needs n
+  projected per-sample gradients, streamed, never held), or
+- ``groups``: K = sum_j phi_{G_j} phi_{G_j}^T / |G_j| with phi_{G_j} = P^T grad sum_{i in G_j}
+  F(z_i), one batched backward per group (O(k)). Its error is the within-group scatter of
+  the projected gradients; with singleton groups it equals ``points``.
+
+The damping is relative, lambda = damping * trace(K) / d, so one value fits models and
+kernels of any scale (a rank-deficient group kernel, k < d, needs damping > 0).
+With ``kernel: points`` the numerator is formed from the per-sample features already in
+hand (segment sum of (1 - p_i) phi_i), so group scores are exactly M^T per-sample scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
+from ggda.attribution.gradients import BACKENDS, iter_group_gradients, num_params, select_params
+from ggda.attribution.projection import PROJ_TYPES, RandomProjector
+from ggda.attribution.properties import query_gradients
+from ggda.attribution.tracin import pick_checkpoints
+from ggda.errors import GGDAError, check_choice, check_float, check_int
+from ggda.models.functional import margin, per_example_loss
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("points", "groups")
+
+
+def damped_inverse_apply(kernel: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """(K + lambda I)^{-1} rhs with lambda = damping * trace(K) / d (pseudo-inverse at 0).
+
+    Args:
+        kernel: (d, d) symmetric PSD.
+        rhs: (d, r).
+
+    Returns:
+        (d, r).
+    """
+    d = kernel.shape[0]
+    lam = damping * float(kernel.diagonal().sum()) / d
+    evals, evecs = torch.linalg.eigh((kernel + kernel.T) / 2)
+    shifted = evals + lam
+    cutoff = shifted.abs().max().clamp_min(1e-300) * d * torch.finfo(kernel.dtype).eps
+    inv = torch.where(shifted > cutoff, 1.0 / shifted, torch.zeros_like(shifted))
+    return evecs @ (inv[:, None] * (evecs.T @ rhs))
+
+
+class TRAK(Attributor):
+    """Group TRAK with a points or groups kernel, averaged over an ensemble.
+
+    Args:
+        proj_dim: d >= 1.
+        proj_type: ``rademacher`` | ``gaussian``.
+        proj_seed: seed of the projection (model e uses proj_seed + e).
+        kernel: ``points`` | ``groups``.
+        damping: relative damping >= 0 (lambda = damping * trace(K) / d).
+        ensemble_size: number of models (the base model plus ensemble_size - 1 trained
+            with seeds seed+1..; outside the pipeline only the base model is available).
+        checkpoints: ``last`` | ``all`` | list of saved epochs, per model.
+        last_layer: differentiate the head's parameters only.
+        backend: ``vmap`` | ``loop``.
+        max_points: padded points per batched gradient chunk.
+    """
+
+    name = "trak"
+
+    def __init__(
+        self,
+        proj_dim: int = 512,
+        proj_type: str = "rademacher",
+        proj_seed: int = 0,
+        kernel: str = "groups",
+        damping: float = 0.01,
+        ensemble_size: int = 1,
+        checkpoints: str | list[int] = "last",
+        last_layer: bool = False,
+        backend: str = "vmap",
+        max_points: int = 2048,
+    ) -> None:
+        self.proj_dim = check_int("method.proj_dim", proj_dim, 1)
+        self.proj_type = check_choice("method.proj_type", proj_type, PROJ_TYPES)
+        self.proj_seed = int(proj_seed)
+        self.kernel = check_choice("method.kernel", kernel, KERNELS)
+        self.damping = check_float("method.damping", damping, 0.0)
+        self.ensemble_size = check_int("method.ensemble_size", ensemble_size, 1)
+        if isinstance(checkpoints, str):
+            check_choice("method.checkpoints", checkpoints, ("all", "last"))
+        else:
+            checkpoints = [check_int("method.checkpoints[]", e, 1) for e in checkpoints]
+        self.checkpoints = checkpoints
+        self.last_layer = bool(last_layer)
+        self.backend = check_choice("method.backend", backend, BACKENDS)
+        self.max_points = check_int("method.max_points", max_points, 1)
+
+    # -- models ---------------------------------------------------------------------------
+    def models(self, task: AttributionTask) -> list[list[Checkpoint]]:
+        """Checkpoint lists of the ensemble: the base model first."""
+        models = [task.checkpoints]
+        extra = self.ensemble_size - 1
+        if extra > 0:
+            if task.ensemble is None:
+                log.warning(
+                    "TRAK: ensemble_size=%d but this task cannot train ensemble members "
+                    "(no pipeline); using the base model only",
+                    self.ensemble_size,
+                )
+            else:
+                models += task.ensemble(extra)
+        return models
+
+    def _iter(self, net: nn.Module, task: AttributionTask, group_ids, k, fn, params, proj):
+        return iter_group_gradients(
+            net,
+            task.x_train,
+            task.y_train,
+            group_ids,
+            k,
+            fn,
+            params=params,
+            projector=proj,
+            backend=self.backend,
+            max_points=self.max_points,
+        )
+
+    def features(
+        self, net: nn.Module, task: AttributionTask, params: dict, proj: RandomProjector
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel K (d, d) and group numerators num (k, d) for one checkpoint."""
+        k = task.grouping.k
+        gid = task.grouping.group_ids
+        d = self.proj_dim
+        dtype = next(iter(params.values())).dtype
+        device = next(iter(params.values())).device
+        kern = torch.zeros(d, d, dtype=dtype, device=device)
+        num = torch.zeros(k, d, dtype=dtype, device=device)
+        n = task.y_train.shape[0]
+        if self.kernel == "points":
+            for idx, phi in self._iter(net, task, torch.arange(n), n, margin, params, proj):
+                kern += phi.T @ phi
+                with torch.no_grad():
+                    logits = net(task.x_train[idx].to(device))
+                    q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
+                num.index_add_(0, gid[idx].to(device), q.to(phi)[:, None] * phi)
+        else:
+            sizes = task.grouping.sizes().to(device=device, dtype=dtype)
+            for groups, phi in self._iter(net, task, gid, k, margin, params, proj):
+                kern += phi.T @ (phi / sizes[groups.to(device)][:, None])
+            for groups, g in self._iter(net, task, gid, k, per_example_loss, params, proj):
+                num[groups.to(device)] = -g
+        return kern, num
+
+    def _run(self, task: AttributionTask, self_scores: bool) -> AttributionResult:
+        net = task.net.to(task.device).eval()
+        k, m = task.grouping.k, task.queries.m
+        total: torch.Tensor | None = None
+        count = 0
+        t_feat = t_query = t_solve = 0.0
+        models = self.models(task)
+        for e, cks in enumerate(models):
+            for ck in pick_checkpoints(cks, self.checkpoints):
+                net.load_state_dict(ck.state_dict)
+                params = select_params(net, self.last_layer)
+                proj = RandomProjector(
+                    num_params(params), self.proj_dim, self.proj_seed + e, self.proj_type
+                )
+                t0 = time.perf_counter()
+                kern, num = self.features(net, task, params, proj)
+                t1 = time.perf_counter()
+                if self_scores:
+                    s = (num * damped_inverse_apply(kern, num.T, self.damping).T).sum(
+                        1, keepdim=True
+                    )
+                    t2 = t1
+                else:
+                    phi_q = query_gradients(
+                        net,
+                        task.queries,
+                        params,
+                        proj,
+                        backend=self.backend,
+                        max_points=self.max_points,
+                    )
+                    t2 = time.perf_counter()
+                    s = num @ damped_inverse_apply(kern, phi_q.T.to(kern), self.damping)
+                t3 = time.perf_counter()
+                total = s if total is None else total + s
+                count += 1
+                t_feat += t1 - t0
+                t_query += t2 - t1
+                t_solve += t3 - t2
+        if total is None:
+            raise GGDAError("TRAK needs at least one checkpoint")
+        scores = total / count
+        if not self_scores and scores.shape != (k, m):
+            raise GGDAError(f"TRAK produced scores of shape {tuple(scores.shape)}, not {(k, m)}")
+        timings = {"features": t_feat, "kernel_solve": t_solve}
+        if not self_scores:
+            timings["query_gradients"] = t_query
+        return AttributionResult(
+            scores=scores,
+            timings=timings,
+            info={"ensemble_models": len(models), "num_checkpoints": count},
+        )
+
+    def attribute(self, task: AttributionTask) -> AttributionResult:
+        """Scores (k, m), averaged over the ensemble's checkpoints."""
+        return self._run(task, self_scores=False)
+
+    def self_attribute(self, task: AttributionTask) -> AttributionResult:
+        """tau_jj = num_j^T (K + lambda I)^{-1} num_j: scores (k, 1).
+
+        The group's own property is -L_{G_j}, whose projected gradient is
+        -P^T grad L_{G_j} = num_j, so the query feature is the group's numerator.
+        """
+        t0 = time.perf_counter()
+        res = self._run(task, self_scores=True)
+        res.timings = {"self_attribution": time.perf_counter() - t0}
+        return res
