@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ggda.attribution.properties import PropertyExamples
 from ggda.grouping.base import Grouping
+
+if TYPE_CHECKING:
+    from ggda.data.base import DataBundle
+    from ggda.evaluation.retrain import RetrainService
 
 
 @dataclass
@@ -42,6 +47,9 @@ class AttributionTask:
             trained independently with the base model's recipe (seeds seed+1..seed+count),
             trained and cached through the same Lightning path as the base model. None when
             the caller cannot train (plain Python use without a pipeline).
+        retrain: the bound retraining service (group leave-one-out needs it), or None.
+        prop: the property object behind ``queries`` (``values(logits, bundle)``), or None.
+        bundle: the data bundle (splits the property reads), or None.
     """
 
     net: nn.Module
@@ -52,6 +60,9 @@ class AttributionTask:
     queries: PropertyExamples
     device: torch.device | str = "cpu"
     ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
+    retrain: RetrainService | None = None
+    prop: Any = None
+    bundle: DataBundle | None = None
 
 
 @dataclass

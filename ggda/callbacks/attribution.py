@@ -56,6 +56,10 @@ class GroupAttributionCallback(GGDACallback):
             grouping=grouping,
             queries=queries,
             device=device,
+            ensemble=ctx.ensemble,
+            retrain=ctx.retrain,
+            prop=ctx.prop,
+            bundle=bundle,
         )
         result = self._attribute()
         ctx.result = result
