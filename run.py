@@ -17,7 +17,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = pipeline.run(cfg)
     except GGDAError as e:  # the user's to fix: say how, without a traceback
-        logging.getLogger("ggda").error("%s", e)
+        logging.getLogger("ggda").debug("stopped by a user error", exc_info=True)
+        print(f"ggda: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     return metrics.get("lds/point/mean")
 

@@ -6,6 +6,7 @@ follows exactly the recipe of the base model (minus logging and checkpoint files
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from torch import nn
 
 from ggda.errors import GGDAError, check_choice, check_float, check_int
 from ggda.models.functional import per_example_loss
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -59,10 +62,14 @@ class Recipe:
         check_int("model.optim.step_every", self.step_every, 1)
         check_int("model.epochs", self.epochs, 1)
         check_int("model.batch_size", self.batch_size, 1)
-        self.save_epochs = sorted(
-            {check_int("model.save_epochs[]", e, 1, self.epochs) for e in self.save_epochs}
-            | {self.epochs}
-        )
+        asked = {check_int("model.save_epochs[]", e, 1) for e in self.save_epochs}
+        late = sorted(e for e in asked if e > self.epochs)
+        if late:
+            # Shortening `model.epochs` for a quick run should not need a second override.
+            log.warning(
+                "model.save_epochs %s lie beyond model.epochs=%d: not saved", late, self.epochs
+            )
+        self.save_epochs = sorted({e for e in asked if e <= self.epochs} | {self.epochs})
 
     def build_net(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         return self.net_factory(input_shape=tuple(input_shape), num_classes=num_classes)
