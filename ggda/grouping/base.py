@@ -141,7 +141,7 @@ class Grouper:
         if groups is not None and not (isinstance(groups, float) and 0 < groups < 1):
             check_int("groups", groups, 1)
         self.groups = groups
-        self.seed = int(seed)
+        self.seed = check_int("grouping.seed", seed, 0)
 
     def k_for(self, n: int) -> int:
         return resolve_k(self.groups, n)

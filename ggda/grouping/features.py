@@ -37,15 +37,17 @@ def _forward_features(
     model: nn.Module, x: torch.Tensor, device, batch: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h (n, H), logits (n, C)) in eval mode, batched."""
+    dtype = next(model.parameters()).dtype
     hs, os_ = [], []
     for s in range(0, x.shape[0], batch):
-        xb = x[s : s + batch].to(device)
+        xb = x[s : s + batch].to(device, dtype)
         h = model.features(xb)
         hs.append(h.flatten(1))
         os_.append(model.head(h))
     return torch.cat(hs), torch.cat(os_)
 
 
+@torch.no_grad()
 def compute_features(
     kind: str,
     x: torch.Tensor,
@@ -58,10 +60,34 @@ def compute_features(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Features (n, f) of the training set in the chosen space."""
+    """Features (n, f) of the training set in the chosen space, in the model's dtype.
+
+    For ``gradients`` with err = softmax(o) - onehot(y) (n, C), the gradient of the
+    per-sample cross-entropy w.r.t. the logits o = W h + b:
+
+    - ``logits``: err, (n, C);
+    - ``penultimate``: err W, (n, H), the gradient w.r.t. h;
+    - ``last_layer``: vec(err outer [h; 1]), (n, C (H + 1)): row c holds [dl/dW_c, dl/db_c].
+      When C (H + 1) > ``proj_dim`` it is projected to (n, proj_dim) by the seeded
+      :class:`RandomProjector` (p = C (H + 1)) without forming the (n, p) matrix.
+
+    Args:
+        kind: ``inputs`` | ``representations`` | ``gradients``.
+        x: (n, *input_shape) inputs.
+        y: (n,) labels.
+        num_classes: C.
+        model: a net with ``features(x) -> h`` and a linear ``head`` (model-based kinds).
+        gradient_kind: see above.
+        proj_dim: projection size for ``last_layer``.
+        seed: projection seed.
+        device: where to compute.
+    """
     check_choice("grouping.features", kind, FEATURES)
     if kind == "inputs":
-        f = x.flatten(1).to(device).float()
+        f = x.flatten(1).to(device)
+        if not f.is_floating_point():
+            f = f.float()
+        # Constant features (e.g. MNIST border pixels) stay 0 instead of dividing by 0.
         return (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
     model = _need_model(model, kind)
     was_training = model.training
@@ -71,20 +97,21 @@ def compute_features(
     finally:
         model.train(was_training)
     if kind == "representations":
-        return h.float()
+        return h
     check_choice("grouping.gradient_kind", gradient_kind, GRADIENT_KINDS)
     err = torch.softmax(logits, -1) - F.one_hot(y.to(logits.device), num_classes).to(logits.dtype)
     if gradient_kind == "logits":
-        return err.float()
+        return err
     if gradient_kind == "penultimate":
-        return (err @ model.head.weight).float()
+        # d loss / d h = W^T (softmax(o) - onehot(y)), rows: err (n, C) @ W (C, H).
+        return err @ model.head.weight
     # d loss / d W = err outer h, d loss / d b = err: flatten err outer [h; 1].
     h1 = torch.cat([h, torch.ones_like(h[:, :1])], 1)
     p = err.shape[1] * h1.shape[1]
     if p <= proj_dim:
-        return (err[:, :, None] * h1[:, None, :]).flatten(1).float()
+        return (err[:, :, None] * h1[:, None, :]).flatten(1)
     # Project without forming (n, C*(H+1)): (err outer h1) P = sum_c err_c (h1 P_c),
     # with P reshaped to (C, H+1, d).
     P = RandomProjector(p, proj_dim, seed=seed).matrix(h1.device, h1.dtype)
     P = P.reshape(err.shape[1], h1.shape[1], proj_dim)
-    return torch.einsum("nc,nh,chd->nd", err, h1, P).float()
+    return torch.einsum("nc,nh,chd->nd", err, h1, P)
