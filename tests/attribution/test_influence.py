@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from factory import tiny_bundle, tiny_data, tiny_task
 from ggda.attribution.base import AttributionTask, Checkpoint
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.loo import GroupLOO
@@ -16,7 +17,6 @@ from ggda.grouping.base import Grouping, GroupingInputs
 from ggda.models.functional import measurement_fn, per_example_loss
 from ggda.models.nets import LogisticRegression
 from ggda.models.training import Recipe
-from factory import tiny_bundle, tiny_data, tiny_task
 
 
 def _flat_grad(net, out):
@@ -133,19 +133,9 @@ def test_self_attribution_brute_force():
     gid = torch.arange(n) % 4
     task = tiny_task(gid, 4, kind="logreg", n=n)
     got = InfluenceFunction(damping=0.1).self_attribute(task).scores[:, 0]
-    per = InfluenceFunction(damping=0.1)
     net = task.net
     net.load_state_dict(task.checkpoints[-1].state_dict)
-    hess = torch.zeros(15, 15, dtype=torch.float64)
     theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-    for i in range(n):
-
-        def li(theta, i=i):
-            w, b = theta[:15].reshape(3, 5), theta[15:]
-            return per_example_loss(task.x_train[i : i + 1] @ w.T + b, task.y_train[i : i + 1])
-
-        hess = hess + torch.autograd.functional.hessian(lambda t: li(t).sum(), theta0)[:15, :15]
-    del per
     full = torch.zeros(18, 18, dtype=torch.float64)
     for i in range(n):
 
