@@ -267,9 +267,9 @@ class TextClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) long token ids -> (B, hidden[-1]) (or (B, embed_dim) without hidden)."""
         if x.is_floating_point():
-            raise GGDAError(
-                "model text needs integer token ids, got float inputs; use a text data set"
-            )
+            # Some callers cast every input to the parameters' dtype; ids below 2**24 are
+            # exact in float32 (and float64), so rounding recovers them.
+            x = x.round().long()
         e = self.embedding(x)  # (B, L, D)
         m = (x != self.pad_id).to(e.dtype).unsqueeze(-1)  # (B, L, 1)
         pooled = (e * m).sum(-2) / m.sum(-2).clamp_min(1.0)
