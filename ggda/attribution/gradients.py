@@ -7,6 +7,13 @@ optionally randomly projected. Three paths compute the same thing:
   similar size, and ``torch.func.vmap(grad)`` runs one batched forward/backward per chunk.
   With singleton groups this *is* the chunked per-sample path.
 - ``loop``: one plain autograd backward per group; the simple reference the tests use.
+- ``factored``: design §3's fast path for parameters that all belong to ``nn.Linear``
+  layers (any MLP; the head of any net with ``last_layer``). One ordinary batched
+  forward/backward over a chunk of group-aligned points captures each layer's inputs
+  a_i and output gradients g_i; a group's weight gradient is the segment sum
+  sum_{i in G} g_i a_i^T, one ``bmm`` over the chunk's groups (bias: sum_{i in G} g_i).
+  Its flops are one forward/backward plus n x p for the segment sums, whatever k is, and
+  it carries no ``vmap`` overhead. Falls back to ``vmap`` for other parameters.
 
 Results stream chunk by chunk (:func:`iter_group_gradients`) so that callers can reduce
 each chunk (dot products with query gradients) without ever holding k x p, in particular
@@ -24,7 +31,7 @@ from torch.func import functional_call, grad, vmap
 from ggda.errors import check_choice
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BACKENDS = ("vmap", "loop")
+BACKENDS = ("vmap", "loop", "factored")
 
 
 def select_params(model: nn.Module, last_layer: bool = False) -> dict[str, torch.Tensor]:
@@ -49,6 +56,192 @@ def num_params(params: dict[str, torch.Tensor]) -> int:
 
 def _flat(g: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
     return torch.cat([v.reshape(batch, -1) for v in g.values()], dim=1)
+
+
+def linear_layers(
+    model: nn.Module, params: dict[str, torch.Tensor]
+) -> list[tuple[nn.Linear, str | None, str | None]] | None:
+    """The ``nn.Linear`` layers owning ``params``, or None if some param is elsewhere.
+
+    Returns:
+        [(layer, weight name or None, bias name or None)] for the layers with a selected
+        parameter, in module order.
+    """
+    out: list[tuple[nn.Linear, str | None, str | None]] = []
+    covered: set[str] = set()
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        w = f"{mname}.weight" if mname else "weight"
+        b = f"{mname}.bias" if mname else "bias"
+        w, b = (w if w in params else None), (b if b in params else None)
+        if w or b:
+            out.append((mod, w, b))
+            covered.update(n for n in (w, b) if n)
+    return out if covered == set(params) else None
+
+
+def _layer_factors(
+    model: nn.Module,
+    layers: list[tuple[nn.Linear, str | None, str | None]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fn: Fn,
+    dtype: torch.dtype,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, inputs a (N, T, in) and output gradients g (N, T, out) of sum_i fn(z_i).
+
+    One ordinary batched forward/backward. T counts the positions a row passes through the
+    layer (1 for plain rows; tokens, or two uses of a shared layer, give more). Point i's
+    gradient of that layer's weight is sum_t g_it a_it^T and of its bias sum_t g_it,
+    because points do not interact in eval mode. No ``.grad`` is written on the model.
+    """
+    n = y.shape[0]
+    acts: list[list[torch.Tensor]] = [[] for _ in layers]
+    outs: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def keeper(i: int):
+        def keep(mod, inp, out):
+            acts[i].append(inp[0].detach())
+            outs[i].append(out)
+
+        return keep
+
+    handles = [mod.register_forward_hook(keeper(i)) for i, (mod, _, _) in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            total = fn(model(x), y).sum()
+            flat_outs = [o for os_ in outs for o in os_]
+            gflat = list(torch.autograd.grad(total, flat_outs, allow_unused=True))
+    finally:
+        for h in handles:
+            h.remove()
+    res = []
+    for i, (mod, _, _) in enumerate(layers):
+        a_parts, g_parts = [], []
+        for a_, o_ in zip(acts[i], outs[i], strict=True):
+            g_ = gflat.pop(0)
+            a_parts.append(a_.reshape(n, -1, mod.in_features))
+            g_parts.append(
+                (torch.zeros_like(o_) if g_ is None else g_).reshape(n, -1, mod.out_features)
+            )
+        if not a_parts:  # the layer took no part in the forward pass: zero gradient
+            a_parts = [torch.zeros(n, 1, mod.in_features, dtype=dtype, device=x.device)]
+            g_parts = [torch.zeros(n, 1, mod.out_features, dtype=dtype, device=x.device)]
+        res.append((torch.cat(a_parts, 1), torch.cat(g_parts, 1)))
+    return res
+
+
+def _factored_chunk(
+    model: nn.Module,
+    layers: list[tuple[nn.Linear, str | None, str | None]],
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    members: torch.Tensor,
+    fn: Fn,
+) -> torch.Tensor:
+    """Summed gradients (c, p) of the c groups in ``members`` (c, s), -1 = padding.
+
+    One batched forward/backward over the chunk's real points (:func:`_layer_factors`);
+    per layer the factors are laid out per group, zero-padded, and
+    grad_W[j] = sum_{i in G_j, t} g_it a_it^T is one bmm over the chunk's groups.
+    """
+    c, s = members.shape
+    valid = members >= 0
+    idx = members[valid]
+    p0 = next(iter(params.values()))
+    factors = _layer_factors(
+        model, layers, x[idx].to(p0.device), y[idx].to(p0.device), fn, p0.dtype
+    )
+    pieces: dict[str, torch.Tensor] = {}
+    for (mod, wname, bname), (a, g) in zip(layers, factors, strict=True):
+        t = a.shape[1]
+        if wname is not None:
+            a_pad = a.new_zeros(c, s, t, mod.in_features)
+            a_pad[valid] = a
+            g_pad = g.new_zeros(c, s, t, mod.out_features)
+            g_pad[valid] = g
+            pieces[wname] = torch.bmm(
+                g_pad.reshape(c, s * t, -1).transpose(1, 2), a_pad.reshape(c, s * t, -1)
+            ).reshape(c, -1)
+        if bname is not None:
+            gb = g.new_zeros(c, s, mod.out_features)
+            gb[valid] = g.sum(1)
+            pieces[bname] = gb.sum(1)
+    return torch.cat([pieces[nm] for nm in params], dim=1)
+
+
+def per_sample_inner_products(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fn: Fn,
+    qx: torch.Tensor,
+    qy: torch.Tensor,
+    qfn: Fn,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """All inner products <grad fn(z_i), grad qfn(q_r)>: (n, m), no per-sample gradient held.
+
+    For a Linear layer with weight gradients g a^T (T = 1) the inner product factorises,
+
+        <g_i a_i^T, g_r a_r^T> = (g_i . g_r) (a_i . a_r),   bias: g_i . g_r,
+
+    so the cost per layer is n m (in + out) instead of n m in out, and nothing n x p or
+    chunk x p exists (the "ghost" inner product). With T > 1 positions the sum runs over
+    position pairs. Parameters outside Linear layers fall back to materialised per-sample
+    gradients (the vmap path), chunk by chunk.
+
+    Args:
+        x, y: (n, ...) and (n,) training side; fn its per-example function (B, C),(B,) -> (B,).
+        qx, qy: (m, ...) and (m,) query side; qfn its per-example function.
+        params: parameters differentiated (default: all trainable).
+        chunk: training points per batched pass.
+
+    Returns:
+        (n, m) on the params' device.
+    """
+    if params is None:
+        params = select_params(model)
+    p0 = next(iter(params.values()))
+    layers = linear_layers(model, params)
+    if layers is None:
+        q = per_sample_gradients(model, qx, qy, qfn, params=params)
+        rows = [
+            per_sample_gradients(model, x[s : s + chunk], y[s : s + chunk], fn, params=params) @ q.T
+            for s in range(0, y.shape[0], chunk)
+        ]
+        return torch.cat(rows, 0)
+    qf = _layer_factors(model, layers, qx.to(p0.device), qy.to(p0.device), qfn, p0.dtype)
+    out = []
+    for s in range(0, y.shape[0], chunk):
+        tf = _layer_factors(
+            model,
+            layers,
+            x[s : s + chunk].to(p0.device),
+            y[s : s + chunk].to(p0.device),
+            fn,
+            p0.dtype,
+        )
+        acc = torch.zeros(tf[0][0].shape[0], qf[0][0].shape[0], dtype=p0.dtype, device=p0.device)
+        for (_, wname, bname), (a, g), (qa, qg) in zip(layers, tf, qf, strict=True):
+            if a.shape[1] == 1 and qa.shape[1] == 1:
+                gg = g[:, 0] @ qg[:, 0].T
+                if wname is not None:
+                    acc += gg * (a[:, 0] @ qa[:, 0].T)
+                if bname is not None:
+                    acc += gg
+            else:  # positions: sum over pairs (t, u) of (g_t . g'_u)(a_t . a'_u)
+                gg = torch.einsum("ntc,muc->nmtu", g, qg)
+                if wname is not None:
+                    acc += (gg * torch.einsum("ntc,muc->nmtu", a, qa)).sum((2, 3))
+                if bname is not None:
+                    acc += gg.sum((2, 3))
+        out.append(acc)
+    return torch.cat(out, 0)
 
 
 def _chunks_by_size(
@@ -101,7 +294,9 @@ def iter_group_gradients(
         fn: per-example scalar function ``(logits (B, C), y (B,)) -> (B,)``.
         params: the parameters to differentiate (default: all trainable).
         projector: optional map (c, p) -> (c, d) applied to each chunk.
-        backend: ``vmap`` (batched) or ``loop`` (one backward per group, reference).
+        backend: ``vmap`` (batched), ``loop`` (one backward per group, reference) or
+            ``factored`` (one backward per chunk plus per-layer segment sums; Linear
+            layers only, else ``vmap``).
         max_points: padded points per vmap chunk.
         max_elems: bound on the chunk's gradient entries (c * p) held at once.
 
@@ -131,6 +326,13 @@ def iter_group_gradients(
                 dim=1,
             )
             yield torch.tensor([j]), projector(flat) if projector else flat
+        return
+
+    layers = linear_layers(model, params) if backend == "factored" else None
+    if layers is not None:
+        for groups, members in _chunks_by_size(group_ids, k, max_points, max_groups):
+            flat = _factored_chunk(model, layers, params, x, y, members, fn)
+            yield groups, projector(flat) if projector else flat
         return
 
     def group_sum(prm, xg, yg, mg):
