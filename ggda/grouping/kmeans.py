@@ -141,7 +141,9 @@ def fill_empty(labels: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
     return labels
 
 
-def balanced_assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def balanced_assign(
+    x: torch.Tensor, c: torch.Tensor, chunk: int = 8192, info: dict | None = None
+) -> torch.Tensor:
     """Assign n points to k centres with sizes floor(n/k) or ceil(n/k) (differ by <= 1).
 
     Greedy capacity-constrained assignment in batched rounds: every unassigned point
@@ -155,6 +157,7 @@ def balanced_assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> torc
     Args:
         x: (n, f) points.
         c: (k, f) centres.
+        info: if given, ``info["balanced_rounds"]`` is set to the number of rounds.
 
     Returns:
         (n,) long labels; exactly n % k clusters have q + 1 members, the others q.
@@ -162,18 +165,22 @@ def balanced_assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> torc
     n, k = x.shape[0], c.shape[0]
     q = n // k
     labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    rounds = 0
     for cap in (q, 1):
         room = torch.full((k,), cap, dtype=torch.long, device=x.device)
         while True:
             free = (labels < 0).nonzero().squeeze(1)
             if free.numel() == 0 or not bool((room > 0).any()):
                 break
+            rounds += 1
             prop, dist = assign(x[free], c, chunk, mask=room > 0)
             order = torch.argsort(dist)
             rank = rank_within(prop, order, k)
             ok = rank < room[prop]
             labels[free[ok]] = prop[ok]
             room -= torch.bincount(prop[ok], minlength=k)
+    if info is not None:
+        info["balanced_rounds"] = rounds
     return labels
 
 
@@ -185,6 +192,7 @@ def lloyd(
     init: str = "k-means++",
     tol: float = 1e-4,
     balanced: bool = False,
+    info: dict | None = None,
 ) -> torch.Tensor:
     """Lloyd's k-means with exactly k non-empty clusters: (n, f) -> labels (n,).
 
@@ -192,7 +200,8 @@ def lloyd(
     farthest from their centres during the iterations, and :func:`fill_empty` repairs any
     still empty at the end. With ``balanced`` the converged centres are followed by
     :func:`balanced_assign` (sizes differ by at most one) instead of the free assignment.
-    Stops when the relative change of the inertia is at most ``tol``.
+    Stops when the relative change of the inertia is at most ``tol``. If ``info`` is
+    given, it receives ``iterations`` (Lloyd steps run) and ``balanced_rounds``.
 
     Raises:
         ValueError: k > n.
@@ -210,7 +219,9 @@ def lloyd(
     else:
         c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
     prev = None
+    done = 0
     for _ in range(iters):
+        done += 1
         labels, d = assign(x, c)
         counts = torch.bincount(labels, minlength=k)
         sums = torch.zeros_like(c).index_add_(0, labels, x)
@@ -223,8 +234,10 @@ def lloyd(
         if prev is not None and abs(prev - inertia) <= tol * max(prev, 1e-12) and not len(empty):
             break
         prev = inertia
+    if info is not None:
+        info["iterations"] = done
     if balanced:
-        return balanced_assign(x, c)
+        return balanced_assign(x, c, info=info)
     labels, d = assign(x, c)
     return fill_empty(labels, d, k)
 
