@@ -17,6 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,7 +47,16 @@ def build(node: Any, **kwargs: Any) -> Any:
     """Instantiate a ``_target_`` config node, dropping its display ``name``."""
     cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     cfg.pop("name", None)
-    return instantiate(cfg, _convert_="all", **kwargs)
+    try:
+        return instantiate(cfg, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        # Hydra wraps constructor errors; a user error should read as the user's error.
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, GGDAError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def build_recipe(model_cfg: DictConfig) -> Recipe:
