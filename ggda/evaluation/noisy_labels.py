@@ -28,12 +28,27 @@ from scipy.stats import rankdata
 
 from ggda.errors import ConfigError, GGDAError, check_choice, check_float
 from ggda.evaluation.base import EvalContext, EvalResult, Evaluator
-from ggda.evaluation.pruning import RANK_BY, property_group_scores, rank_scores, val_loss_property
+from ggda.evaluation.pruning import property_group_scores, rank_scores, val_loss_property
 from ggda.grouping.base import Grouping
 from ggda.models.functional import MEASUREMENTS
 
 SCORES = ("self", "val_loss")
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
+RANK_BY = ("sum", "mean", "mean2")
+
+
+def normalise(scores: torch.Tensor, sizes: torch.Tensor, rank_by: str) -> torch.Tensor:
+    """Group value used for ranking: tau_j (``sum``), tau_j / |G_j| (``mean``) or
+    tau_j / |G_j|^2 (``mean2``).
+
+    Self-influence is quadratic in the group: for TracIn tau_jj = sum_t eta_t ||grad L_G||^2,
+    which grows like |G|^2 for a coherent group, so ``mean2`` is the self-influence of the
+    group's *mean* loss, sum_t eta_t ||mean_{i in G} grad l_i||^2, comparable across sizes.
+    Attribution to the validation loss is linear in the group: use ``sum`` or ``mean``.
+    """
+    if rank_by == "mean2":
+        return scores.double() / sizes.double() ** 2
+    return rank_scores(scores, sizes, rank_by)
 
 
 def roc_auc(labels: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray) -> float:
@@ -99,7 +114,8 @@ class NoisyLabels(Evaluator):
     Args:
         score: ``self`` (self-attribution, default) or ``val_loss``.
         fractions: fractions of the training set inspected, each in (0, 1].
-        rank_by: ``sum`` (the group's score; default) or ``mean`` (score / |G_j|).
+        rank_by: ``sum`` (the group's score; default), ``mean`` (score / |G_j|) or
+            ``mean2`` (score / |G_j|^2); see :func:`normalise`.
         measurement: measurement of the validation property for ``score: val_loss``.
     """
 
@@ -135,7 +151,7 @@ class NoisyLabels(Evaluator):
         g = ctx.grouping
         if self.score == "val_loss":
             scores, secs = property_group_scores(ctx, val_loss_property(self.measurement))
-            return -rank_scores(scores, g.sizes(), self.rank_by), secs
+            return -normalise(scores, g.sizes(), self.rank_by), secs
         if ctx.attributor is None or ctx.task is None:
             raise GGDAError(
                 "self-attribution needs the run's method and attribution task "
@@ -151,7 +167,7 @@ class NoisyLabels(Evaluator):
             raise GGDAError("self-attribution produced NaN/infinite scores")
         if res.aggregation == "mean":
             scores = scores * g.sizes().double()
-        return rank_scores(scores, g.sizes(), self.rank_by), secs
+        return normalise(scores, g.sizes(), self.rank_by), secs
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         b, g = ctx.bundle, ctx.grouping

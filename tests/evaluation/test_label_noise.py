@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from factory import run_cli
 
+from factory import run_cli
 from ggda.data.base import flip_labels
 from ggda.data.bundled import Synthetic
 from ggda.errors import ConfigError

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from factory import tiny_bundle, tiny_task
 from sklearn.metrics import roc_auc_score
 
+from factory import tiny_bundle, tiny_task
 from ggda.attribution.base import AttributionResult, Attributor
 from ggda.attribution.properties import QueryProperty
 from ggda.errors import ConfigError
@@ -145,3 +145,18 @@ def test_config_validation_names_the_key(kw, key):
     with pytest.raises(ConfigError) as e:
         NoisyLabels(**kw)
     assert e.value.key == key
+
+
+def test_rank_by_mean2_divides_by_size_squared():
+    b = _noisy_bundle()
+    ids = torch.ones(20, dtype=torch.long)
+    ids[[1, 4]] = 0  # group 0 = two flipped points, group 1 = the other 18
+    g = Grouping(ids, 2)
+    tau = torch.tensor([3.0, 30.0], dtype=torch.float64)
+    ctx = EvalContext(b, g, torch.zeros(2, 1), QueryProperty(), None, SelfAttributor(tau), TASK)
+    # mean: 3/2 < 30/18 -> group 1 first; mean2: 3/4 > 30/324 -> group 0 first
+    by_mean = NoisyLabels(fractions=[0.1], rank_by="mean").evaluate(ctx).metrics
+    by_mean2 = NoisyLabels(fractions=[0.1], rank_by="mean2").evaluate(ctx).metrics
+    assert by_mean["recall/0.1"] == pytest.approx(2 / 18 * 2 / 4)
+    assert by_mean2["recall/0.1"] == pytest.approx(0.5)
+    assert by_mean2["auc"] == pytest.approx(roc_auc_score(b.noise_mask.numpy(), (ids == 0).numpy()))

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from factory import tiny_bundle, tiny_recipe, tiny_task
 
+from factory import tiny_bundle, tiny_recipe, tiny_task
 from ggda.attribution.base import AttributionResult, Attributor
 from ggda.attribution.properties import QueryProperty
 from ggda.errors import ConfigError
