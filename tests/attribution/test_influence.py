@@ -218,3 +218,19 @@ def test_group_if_tracks_group_loo_on_damped_logistic_regression(tmp_path):
     assert np.mean(rho) >= 0.9, rho
     # same scale too: IF predicts the leave-group-out change itself
     assert 0.5 < float((inf * loo).sum() / (loo * loo).sum()) < 2.0
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path):
+    """`python run.py method=influence` on the smoke setup: scores (k, m) saved, LDS logged."""
+    import json
+
+    from factory import run_cli
+
+    res = run_cli(["experiment=smoke", "logger=none", "method=influence"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run,) = [p.parent for p in tmp_path.rglob("metrics.json")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    scores = torch.load(run / "scores.pt")
+    assert scores.shape == (metrics["attribution/k"], metrics["attribution/m"])
+    assert torch.isfinite(scores).all() and "lds/point/mean" in metrics

@@ -100,3 +100,19 @@ def test_self_attribution_brute_force(tmp_path):
 def test_validation(kw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         GroupLOO(**kw)
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path):
+    """`python run.py method=loo` on the smoke setup: scores (k, m) saved, LDS logged."""
+    import json
+
+    from factory import run_cli
+
+    res = run_cli(["experiment=smoke", "logger=none", "method=loo", "groups=4"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run,) = [p.parent for p in tmp_path.rglob("metrics.json")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    scores = torch.load(run / "scores.pt")
+    assert scores.shape == (metrics["attribution/k"], metrics["attribution/m"])
+    assert torch.isfinite(scores).all() and "lds/point/mean" in metrics
