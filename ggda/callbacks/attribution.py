@@ -17,6 +17,7 @@ from ggda import tracking
 from ggda.attribution.base import AttributionResult, AttributionTask
 from ggda.callbacks.base import GGDACallback
 from ggda.errors import GGDAError
+from ggda.faults import maybe_fail
 from ggda.grouping.base import Grouping, GroupingInputs
 from ggda.io import atomic_torch_save, load_or_none, save_artifact
 
@@ -45,6 +46,7 @@ class GroupAttributionCallback(GGDACallback):
         ctx.grouping = grouping
         ctx.log({f"grouping/{k}": v for k, v in grouping.summary().items()})
         atomic_torch_save(ctx.run_dir / "grouping.pt", grouping.group_ids)
+        maybe_fail("grouped")
 
         # -- attribution ------------------------------------------------------------------
         queries = ctx.prop.examples(bundle)
@@ -71,6 +73,7 @@ class GroupAttributionCallback(GGDACallback):
                 "and the method's damping/projection settings"
             )
         atomic_torch_save(ctx.run_dir / "scores.pt", result.scores.cpu())
+        maybe_fail("attributed")
         atomic_torch_save(
             ctx.run_dir / "queries.pt",
             {

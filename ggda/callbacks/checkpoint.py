@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 from ggda.callbacks.base import GGDACallback, RunContext
+from ggda.faults import maybe_fail
 from ggda.models.store import ModelStore
 
 
@@ -32,6 +33,7 @@ class EpochCheckpoint(GGDACallback):
         epoch = trainer.current_epoch + 1
         lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._store().save(trainer, epoch, lr)
+        maybe_fail(f"train_epoch_{epoch}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch >= (trainer.max_epochs or 0):

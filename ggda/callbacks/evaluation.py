@@ -8,6 +8,7 @@ from ggda import tracking
 from ggda.callbacks.base import GGDACallback
 from ggda.errors import GGDAError
 from ggda.evaluation.base import EvalContext
+from ggda.faults import maybe_fail
 
 
 class EvaluationCallback(GGDACallback):
@@ -42,3 +43,4 @@ class EvaluationCallback(GGDACallback):
                 tracking.log_table(ctx.run_dir, ctx.loggers, f"{ev.name}_{name}", df)
             for name, fig in res.figures.items():
                 tracking.log_figure(ctx.run_dir, ctx.loggers, f"{ev.name}_{name}", fig)
+            maybe_fail(f"evaluated_{ev.name}")

@@ -18,6 +18,7 @@ import torch
 
 from ggda.errors import check_choice, check_float, check_int
 from ggda.evaluation.base import EvalContext, EvalResult, Evaluator, spearman_columns
+from ggda.faults import maybe_fail
 
 LEVELS = ("point", "group")
 
@@ -99,6 +100,7 @@ class LDS(Evaluator):
             pred = masks.double() @ point_scores  # (M, m)
             corr = lds_from_predictions(pred, actual)
             per_query[level] = corr
+            maybe_fail(f"lds_{level}")
             finite = corr[np.isfinite(corr)]
             res.metrics.update(
                 {
