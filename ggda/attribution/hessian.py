@@ -72,6 +72,8 @@ class TrainingHessian:
         self.chunk = max(1, int(chunk))
         self.max_elems = int(max_elems)
         self.buffers = {k: v.detach() for k, v in model.named_buffers()}
+        # the other parameters enter as constants (detached: no graph to the live module)
+        self.fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
         self.num_hvps = 0
 
     def _unflat(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -79,7 +81,8 @@ class TrainingHessian:
         return {k: t.reshape(s) for k, t, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def _loss(self, theta: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.model, (self._unflat(theta), self.buffers), (xb,))
+        prm = self.fixed | self._unflat(theta)
+        logits = functional_call(self.model, (prm, self.buffers), (xb,))
         return self.loss_fn(logits, yb).sum()
 
     def _hvp_block(self, v: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
 from ggda.attribution.gradients import BACKENDS, iter_group_gradients, select_params
 from ggda.attribution.hessian import SOLVERS, InverseHVP, TrainingHessian
-from ggda.attribution.properties import query_gradients
+from ggda.attribution.properties import no_graph, query_gradients
 from ggda.errors import GGDAError, check_choice, check_float, check_int
 from ggda.models.functional import per_example_loss
 
@@ -122,6 +122,11 @@ class InfluenceFunction(Attributor):
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""
+        # no graph to the live module's non-selected parameters (see no_graph)
+        with no_graph(self.backend):
+            return self._attribute(task)
+
+    def _attribute(self, task: AttributionTask) -> AttributionResult:
         t0 = time.perf_counter()
         net, params, ihvp = self._setup(task)
         n = task.y_train.shape[0]
@@ -133,7 +138,7 @@ class InfluenceFunction(Attributor):
         t2 = time.perf_counter()
         scores = u.new_zeros(task.grouping.k, task.queries.m)
         for groups, g in self._groups(net, params, task):
-            scores[groups.to(u.device)] = -(g.to(u) @ u.T)
+            scores[groups.to(u.device)] = -(g.detach().to(u) @ u.T)
         t3 = time.perf_counter()
         return AttributionResult(
             scores=scores,
@@ -152,6 +157,10 @@ class InfluenceFunction(Attributor):
         influence of G_j on it is (1/n) <-g_j, (H + lambda I)^{-1} (-g_j)>. One solve per
         group (unavoidable: each group is its own query); the explicit solver factorises once.
         """
+        with no_graph(self.backend):
+            return self._self_attribute(task)
+
+    def _self_attribute(self, task: AttributionTask) -> AttributionResult:
         t0 = time.perf_counter()
         net, params, ihvp = self._setup(task)
         n = task.y_train.shape[0]
@@ -159,6 +168,7 @@ class InfluenceFunction(Attributor):
         for groups, g in self._groups(net, params, task):
             if scores is None:
                 scores = g.new_zeros(task.grouping.k, 1)
+            g = g.detach()
             u = ihvp.solve(g)
             scores[groups.to(g.device), 0] = (g * u.to(g)).sum(1) / n
         if scores is None:

@@ -22,6 +22,7 @@ Every property object offers ``split``, ``name``, ``measurement``, ``point_indic
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -276,6 +277,16 @@ def mean_true_class_probability(
     return torch.stack(rows)
 
 
+def no_graph(backend: str) -> contextlib.AbstractContextManager:
+    """``torch.no_grad()`` for the torch.func (``vmap``) path, a no-op for ``loop``.
+
+    torch.func transforms ignore an outer no_grad, which then only stops autograd from
+    recording a graph to the live module's non-differentiated parameters (last-layer
+    mode); the ``loop`` reference path needs autograd itself and detaches its results.
+    """
+    return torch.no_grad() if backend != "loop" else contextlib.nullcontext()
+
+
 def query_gradients(
     net: nn.Module,
     q: PropertyExamples,
@@ -314,6 +325,6 @@ def query_gradients(
     def rows(prm: dict[str, torch.Tensor]) -> torch.Tensor:
         return fn(functional_call(net, (prm, buffers), (x,)), y).reshape(-1)
 
-    jac = jacrev(rows)(params)
+    jac = jacrev(rows)({k: v.detach() for k, v in params.items()})
     flat = torch.cat([jac[k].reshape(q.m, -1) for k in params], dim=1)
-    return projector(flat) if projector is not None else flat
+    return (projector(flat) if projector is not None else flat).detach()

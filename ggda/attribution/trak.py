@@ -34,7 +34,7 @@ from torch import nn
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
 from ggda.attribution.gradients import BACKENDS, iter_group_gradients, num_params, select_params
 from ggda.attribution.projection import PROJ_TYPES, RandomProjector
-from ggda.attribution.properties import query_gradients
+from ggda.attribution.properties import no_graph, query_gradients
 from ggda.attribution.tracin import pick_checkpoints
 from ggda.errors import GGDAError, check_choice, check_float, check_int
 from ggda.models.functional import margin, per_example_loss
@@ -154,20 +154,26 @@ class TRAK(Attributor):
         n = task.y_train.shape[0]
         if self.kernel == "points":
             for idx, phi in self._iter(net, task, torch.arange(n), n, margin, params, proj):
+                phi = phi.detach()
                 kern += phi.T @ phi
-                with torch.no_grad():
-                    logits = net(task.x_train[idx].to(device))
-                    q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
-                num.index_add_(0, gid[idx].to(device), q.to(phi)[:, None] * phi)
+                logits = net(task.x_train[idx].to(device))
+                q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
+                num.index_add_(0, gid[idx].to(device), q.detach().to(phi)[:, None] * phi)
         else:
             sizes = task.grouping.sizes().to(device=device, dtype=dtype)
             for groups, phi in self._iter(net, task, gid, k, margin, params, proj):
+                phi = phi.detach()
                 kern += phi.T @ (phi / sizes[groups.to(device)][:, None])
             for groups, g in self._iter(net, task, gid, k, per_example_loss, params, proj):
-                num[groups.to(device)] = -g
+                num[groups.to(device)] = -g.detach()
         return kern, num
 
     def _run(self, task: AttributionTask, self_scores: bool) -> AttributionResult:
+        # no graph to the live module's non-selected parameters (see no_graph)
+        with no_graph(self.backend):
+            return self._run_no_grad(task, self_scores)
+
+    def _run_no_grad(self, task: AttributionTask, self_scores: bool) -> AttributionResult:
         net = task.net.to(task.device).eval()
         k, m = task.grouping.k, task.queries.m
         total: torch.Tensor | None = None

@@ -100,6 +100,7 @@ def test_last_layer_equals_brute_force_on_head():
     n = 10
     task = tiny_task(torch.arange(n), n, kind="mlp", n=n)
     got = InfluenceFunction(damping=0.1, last_layer=True).attribute(task).scores
+    assert not got.requires_grad  # no autograd graph leaks from the frozen body
     net = task.net
     net.load_state_dict(task.checkpoints[-1].state_dict)
     head = list(net.fc.parameters())

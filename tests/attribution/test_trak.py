@@ -121,6 +121,14 @@ def test_ensemble_averages_models_and_checkpoints():
     assert torch.allclose(got.scores, want / 6, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", ["points", "groups"])
+def test_last_layer_scores_carry_no_graph(kernel):
+    n = 8
+    task = tiny_task(torch.arange(n) % 3, 3, n=n)
+    got = TRAK(proj_dim=D, kernel=kernel, last_layer=True).attribute(task).scores
+    assert not got.requires_grad and got.abs().max() > 0
+
+
 def test_ensemble_without_pipeline_uses_base_model():
     n = 8
     task = tiny_task(torch.arange(n), n, n=n)
