@@ -36,7 +36,7 @@ class GroupLOO(Attributor):
 
     name = "loo"
 
-    def __init__(self, repeats: int = 1, seed: int = 0, max_retrains: int = 200) -> None:
+    def __init__(self, repeats: int = 1, seed: int = 0, max_retrains: int = 100) -> None:
         self.repeats = check_int("method.repeats", repeats, 1)
         self.seed = int(seed)
         self.max_retrains = check_int("method.max_retrains", max_retrains, 1)
