@@ -227,6 +227,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, latin1).
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> type:
