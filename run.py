@@ -6,6 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import ggda.config  # noqa: F401  (registers the config's resolvers)
 from ggda.errors import GGDAError
 
 

@@ -250,7 +250,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         grouper.k_for(bundle.n_train)  # fail before training when `groups` is out of range
     attributor = build(cfg.method)
     prop = build(cfg.property)
-    evaluators = [build(node) for node in (cfg.get("evaluation") or {}).values() if node]
+    # An experiment may tune an evaluation that this run does not select: such a node has
+    # settings but no `_target_`, and is not an evaluation to run.
+    evaluators = [
+        build(node)
+        for node in (cfg.get("evaluation") or {}).values()
+        if node and "_target_" in node
+    ]
     keys = cache_keys(cfg, grouper.config(), grouper.uses_model, attributor.config(), vars(prop))
     retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
     store = model_store(cfg, keys, int(cfg.seed), recipe)

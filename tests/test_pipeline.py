@@ -127,7 +127,7 @@ def test_wandb_offline_and_csv_loggers(tmp_path):
 
 def test_singleton_grouping_and_random_grouping_run(tmp_path):
     _ok(run_cli([*SMOKE, "grouping=singleton", "evaluation=none"], tmp_path))
-    s = torch.load(tmp_path / "runs/synthetic/tracin/singleton_k8_s0/scores.pt")
+    s = torch.load(tmp_path / "runs/synthetic/tracin/singleton_kn_s0/scores.pt")
     assert s.shape == (64, 8)
     _ok(run_cli([*SMOKE, "grouping=random", "groups=0.25", "evaluation=none"], tmp_path))
     ids = torch.load(tmp_path / "runs/synthetic/tracin/random_k0.25_s0/grouping.pt")
