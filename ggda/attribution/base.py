@@ -78,6 +78,19 @@ class AttributionResult:
     aggregation: str = "sum"
 
 
+def check_finite_scores(result: AttributionResult, method: str) -> None:
+    """Raise a clear error when a method produced NaN or infinite scores."""
+    bad = int((~torch.isfinite(result.scores)).sum())
+    if bad:
+        from ggda.errors import GGDAError
+
+        raise GGDAError(
+            f"attribution ({method}) produced {bad} NaN/infinite scores out of "
+            f"{result.scores.numel()}. Check the model (did training diverge?) and the "
+            "method's settings (`method.damping`, `method.proj_dim`)."
+        )
+
+
 class Attributor:
     """A data-attribution method in group form.
 

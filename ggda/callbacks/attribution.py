@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from ggda import tracking
-from ggda.attribution.base import AttributionResult, AttributionTask
+from ggda.attribution.base import AttributionResult, AttributionTask, check_finite_scores
 from ggda.callbacks.base import GGDACallback
 from ggda.errors import GGDAError
 from ggda.faults import maybe_fail
@@ -65,13 +65,7 @@ class GroupAttributionCallback(GGDACallback):
         )
         result = self._attribute()
         ctx.result = result
-        if not torch.isfinite(result.scores).all():
-            bad = int((~torch.isfinite(result.scores)).sum())
-            raise GGDAError(
-                f"attribution ({ctx.attributor.name}) produced {bad} NaN/infinite scores "
-                f"out of {result.scores.numel()}; check the model (did training diverge?) "
-                "and the method's damping/projection settings"
-            )
+        check_finite_scores(result, ctx.attributor.name)
         atomic_torch_save(ctx.run_dir / "scores.pt", result.scores.cpu())
         maybe_fail("attributed")
         atomic_torch_save(

@@ -110,3 +110,17 @@ def test_config_validation():
         TracIn(checkpoints="first")
     with pytest.raises(ConfigError, match="method.backend"):
         TracIn(backend="magic")
+
+
+def test_nan_scores_are_reported_not_saved():
+    from ggda.attribution.base import check_finite_scores
+    from ggda.errors import GGDAError
+
+    n = 6
+    task = tiny_task(torch.arange(n), n, n=n)
+    for ck in task.checkpoints:
+        ck.state_dict["fc.weight"][0, 0] = float("nan")
+    result = TracIn().attribute(task)
+    assert torch.isnan(result.scores).any()
+    with pytest.raises(GGDAError, match="NaN/infinite scores"):
+        check_finite_scores(result, "tracin")
