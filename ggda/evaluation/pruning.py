@@ -18,6 +18,7 @@ per-sample comparison (k = n) is the same evaluation run with ``grouping=singlet
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 
@@ -36,6 +37,8 @@ from ggda.evaluation.base import EvalContext, EvalResult, Evaluator
 from ggda.evaluation.lds import retrain_seeds
 from ggda.grouping.base import Grouping
 from ggda.models.functional import MEASUREMENTS
+
+log = logging.getLogger(__name__)
 
 ORDERS = ("harmful", "helpful", "random")
 RANK_BY = ("sum", "mean")
@@ -169,7 +172,7 @@ class Pruning(Evaluator):
 
     def plan(
         self, grouping: Grouping, scores: torch.Tensor
-    ) -> tuple[torch.Tensor, list[dict[str, float | int | str]]]:
+    ) -> tuple[torch.Tensor, list[dict[str, float | int | str]], list[str]]:
         """The training sets to retrain on.
 
         Args:
@@ -177,7 +180,9 @@ class Pruning(Evaluator):
             scores: (k,) sum-aggregated group scores for the validation property.
 
         Returns:
-            (keep masks (S, n) bool, one row of bookkeeping per mask). Row 0 is the full set.
+            (keep masks (S, n) bool, one row of bookkeeping per mask, skipped
+            ``order/fraction`` pairs whose budget would remove every group). Row 0 is the
+            full set.
         """
         n = grouping.n
         value = rank_scores(scores, grouping.sizes(), self.rank_by)
@@ -186,6 +191,7 @@ class Pruning(Evaluator):
             {"order": "none", "draw": 0, "target_fraction": 0.0, "groups_removed": 0}
         ]
         g = torch.Generator().manual_seed(self.seed + 31337)
+        skipped: list[str] = []
         for order in self.orders:
             draws = self.random_draws if order == "random" else 1
             for draw in range(draws):
@@ -194,12 +200,19 @@ class Pruning(Evaluator):
                     budget = math.ceil(frac * n - 1e-9)  # "at least" the fraction
                     keep, count = removal_mask(grouping, perm, budget)
                     if not keep.any():
-                        raise ConfigError(
-                            "evaluation.pruning.fractions",
+                        # Known only once k and the group sizes are: skip, keep the rest.
+                        log.warning(
+                            "pruning: removing %d of %d points (%s order, fraction %g) takes "
+                            "every group (k=%d, largest group %d points); skipped",
+                            budget,
+                            n,
+                            order,
                             frac,
-                            "fractions that leave at least one group",
-                            f"Removing {budget} of {n} points takes every group (k={grouping.k}).",
+                            grouping.k,
+                            int(grouping.sizes().max()),
                         )
+                        skipped.append(f"{order}/{frac:g}")
+                        continue
                     masks.append(keep)
                     rows.append(
                         {
@@ -213,13 +226,13 @@ class Pruning(Evaluator):
         for row, keep in zip(rows, stacked, strict=True):
             row["points_removed"] = int(n - keep.sum())
             row["fraction_removed"] = float((n - keep.sum()) / n)
-        return stacked, rows
+        return stacked, rows, skipped
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         res = EvalResult()
         b = ctx.bundle
         scores, secs = property_group_scores(ctx, val_loss_property(self.measurement))
-        masks, rows = self.plan(ctx.grouping, scores)
+        masks, rows, skipped = self.plan(ctx.grouping, scores)
         # Identical training sets (e.g. random draws that coincide) are retrained once.
         uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
         logits = ctx.retrain.run(
@@ -238,6 +251,7 @@ class Pruning(Evaluator):
         res.tables["curve"] = table
         res.metrics.update(self._metrics(table))
         res.metrics["attribution_seconds"] = secs
+        res.metrics["skipped"] = len(skipped)
         res.metrics["rank_by_mean"] = float(self.rank_by == "mean")
         res.figures["curve"] = curve_figure(table, ctx.grouping.k, ctx.grouping.n)
         return res

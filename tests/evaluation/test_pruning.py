@@ -145,12 +145,15 @@ def test_reuses_run_scores_when_the_run_attributed_val_loss():
     assert res.metrics["attribution_seconds"] == 0.0
 
 
-def test_a_fraction_that_removes_every_group_is_an_error():
+def test_a_fraction_that_removes_every_group_is_skipped():
     b = tiny_bundle(n=10)
     g = Grouping(torch.tensor([0] * 5 + [1] * 5), 2)
-    ctx = EvalContext(b, g, torch.zeros(2, 1), val_loss_property(), SpyRetrain(b))
-    with pytest.raises(ConfigError, match="evaluation.pruning.fractions"):
-        Pruning(fractions=[0.6], orders=["harmful"]).evaluate(ctx)
+    spy = SpyRetrain(b)
+    ctx = EvalContext(b, g, torch.zeros(2, 1), val_loss_property(), spy)
+    res = Pruning(fractions=[0.3, 0.6], orders=["harmful"]).evaluate(ctx)
+    assert res.metrics["skipped"] == 1
+    assert "harmful/0.3/acc_mean" in res.metrics and "harmful/0.6/acc_mean" not in res.metrics
+    assert (spy.calls[0][0].sum(1) > 0).all()
 
 
 def test_tiny_real_retrain_service(tmp_path):
