@@ -8,7 +8,9 @@
 #   OUT=/tmp/gstudy experiments/grouping_study.sh tracin influence
 #
 # Point-level retrains are cached under $OUT/cache and shared by every job; group-level
-# retrains are shared by every method on the same grouping. Then the table:
+# retrains are shared by every method on the same grouping (the cache entries are locked, so
+# two methods may also run as two concurrent invocations, as was done for the committed
+# results: `grouping_study.sh tracin & grouping_study.sh trak`). Then the table:
 #   python experiments/grouping_study.py $OUT > docs/results/grouping_study.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
