@@ -154,22 +154,37 @@ def _factored_chunk(
     factors = _layer_factors(
         model, layers, x[idx].to(p0.device), y[idx].to(p0.device), fn, p0.dtype
     )
-    pieces: dict[str, torch.Tensor] = {}
+    # The result is written in place into one (c, p) buffer (no per-parameter pieces and
+    # concatenation: at small group sizes the cost is writing k x p, not the flops).
+    offsets, off = {}, 0
+    for nm, v in params.items():
+        offsets[nm] = off
+        off += v.numel()
+    out = torch.empty(c, off, dtype=p0.dtype, device=p0.device)
+    # equal-size groups (no padding): the rows are already group-major, reshape for free
+    dense = bool(valid.all())
     for (mod, wname, bname), (a, g) in zip(layers, factors, strict=True):
         t = a.shape[1]
-        if wname is not None:
+        if dense:
+            a_pad = a.reshape(c, s * t, mod.in_features)
+            g_pad = g.reshape(c, s * t, mod.out_features)
+        else:
             a_pad = a.new_zeros(c, s, t, mod.in_features)
             a_pad[valid] = a
+            a_pad = a_pad.reshape(c, s * t, -1)
             g_pad = g.new_zeros(c, s, t, mod.out_features)
             g_pad[valid] = g
-            pieces[wname] = torch.bmm(
-                g_pad.reshape(c, s * t, -1).transpose(1, 2), a_pad.reshape(c, s * t, -1)
-            ).reshape(c, -1)
+            g_pad = g_pad.reshape(c, s * t, -1)
+        if wname is not None:
+            o = offsets[wname]
+            view = out[:, o : o + mod.out_features * mod.in_features]
+            torch.bmm(
+                g_pad.transpose(1, 2), a_pad, out=view.view(c, mod.out_features, mod.in_features)
+            )
         if bname is not None:
-            gb = g.new_zeros(c, s, mod.out_features)
-            gb[valid] = g.sum(1)
-            pieces[bname] = gb.sum(1)
-    return torch.cat([pieces[nm] for nm in params], dim=1)
+            o = offsets[bname]
+            out[:, o : o + mod.out_features] = g_pad.sum(1)
+    return out
 
 
 def per_sample_inner_products(
@@ -183,6 +198,8 @@ def per_sample_inner_products(
     *,
     params: dict[str, torch.Tensor] | None = None,
     chunk: int = 1024,
+    group_ids: torch.Tensor | None = None,
+    k: int | None = None,
 ) -> torch.Tensor:
     """All inner products <grad fn(z_i), grad qfn(q_r)>: (n, m), no per-sample gradient held.
 
@@ -200,9 +217,12 @@ def per_sample_inner_products(
         qx, qy: (m, ...) and (m,) query side; qfn its per-example function.
         params: parameters differentiated (default: all trainable).
         chunk: training points per batched pass.
+        group_ids, k: optional (n,) grouping into k groups; then the rows are summed per
+            group, giving <grad sum_{i in G_j} fn(z_i), grad qfn(q_r)> (k, m) at the same
+            cost whatever k is (nothing k x p is formed either).
 
     Returns:
-        (n, m) on the params' device.
+        (n, m), or (k, m) with a grouping, on the params' device.
     """
     if params is None:
         params = select_params(model)
@@ -241,7 +261,10 @@ def per_sample_inner_products(
                 if bname is not None:
                     acc += gg.sum((2, 3))
         out.append(acc)
-    return torch.cat(out, 0)
+    full = torch.cat(out, 0)
+    if group_ids is None:
+        return full
+    return full.new_zeros(int(k), full.shape[1]).index_add_(0, group_ids.to(full.device), full)
 
 
 def _chunks_by_size(

@@ -118,3 +118,15 @@ def test_per_sample_inner_products_shared_layer_and_fallback():
             net, x, y, per_example_loss, qx, qy, margin, params=params, chunk=4
         )
         assert torch.allclose(got, g_train @ g_query.T, atol=1e-12)
+
+
+def test_group_inner_products_are_group_gradient_dots():
+    x, y, qx, qy = tiny_data(n=25, m=4)
+    net = tiny_net("mlp")
+    ids = _ids(25, 6, seed=4)
+    g = group_gradients(net, x, y, ids, 6, per_example_loss, backend="loop")
+    q = per_sample_gradients(net, qx, qy, neg_loss)
+    got = per_sample_inner_products(
+        net, x, y, per_example_loss, qx, qy, neg_loss, chunk=8, group_ids=ids, k=6
+    )
+    assert torch.allclose(got, g @ q.T, atol=1e-12)
