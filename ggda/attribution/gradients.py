@@ -13,7 +13,14 @@ optionally randomly projected. Three paths compute the same thing:
   a_i and output gradients g_i; a group's weight gradient is the segment sum
   sum_{i in G} g_i a_i^T, one ``bmm`` over the chunk's groups (bias: sum_{i in G} g_i).
   Its flops are one forward/backward plus n x p for the segment sums, whatever k is, and
-  it carries no ``vmap`` overhead. Falls back to ``vmap`` for other parameters.
+  it carries no ``vmap`` overhead; the chunk's (c, p) result is written in place. Falls
+  back to ``vmap`` for other parameters. Like ``loop`` it differentiates the model's live
+  weights (``params`` selects which), so ``params`` must be the model's own (as
+  :func:`select_params` returns them).
+
+:func:`per_sample_inner_products` goes one step further for inner products with query
+gradients (TracIn): per Linear layer <g_i a_i^T, g_q a_q^T> = (g_i . g_q)(a_i . a_q), so
+neither per-sample nor group gradients are formed and the cost does not depend on k.
 
 Results stream chunk by chunk (:func:`iter_group_gradients`) so that callers can reduce
 each chunk (dot products with query gradients) without ever holding k x p, in particular
