@@ -45,8 +45,8 @@ class TrainingHessian:
         y: (n,) labels.
         loss_fn: per-example loss ``(logits (B, C), y (B,)) -> (B,)``.
         chunk: data points per batched HVP.
-        max_elems: bound on (vectors x chunk x p) handled at once; larger blocks of
-            vectors are split.
+        max_elems: rough bound on the tensor entries one batched HVP holds (vectors x
+            (chunk x 256 + p)); larger blocks of vectors are split.
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class TrainingHessian:
         y: torch.Tensor,
         loss_fn: Fn,
         chunk: int = 1024,
-        max_elems: int = 50_000_000,
+        max_elems: int = 100_000_000,
     ) -> None:
         self.model = model
         self.names = list(params)
@@ -114,7 +114,9 @@ class TrainingHessian:
         """
         v = v.to(self.device, self.dtype)
         count = self.n if idx is None else int(idx.numel())
-        per = max(1, self.max_elems // max(1, self.chunk * self.p))
+        # vmap holds, per vector, the tangent (p) and the batched activations of a chunk
+        # (about chunk x the layer widths; 256 is a rough width budget), not chunk x p.
+        per = max(1, self.max_elems // (self.chunk * 256 + self.p))
         out = torch.cat([self._hvp_block(v[s : s + per], idx) for s in range(0, v.shape[0], per)])
         self.num_hvps += v.shape[0]
         return out / count
