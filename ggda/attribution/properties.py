@@ -23,7 +23,9 @@ Every property object offers ``split``, ``name``, ``measurement``, ``point_indic
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +195,9 @@ def _resolve(spec: Any) -> RowFn:
     raise ConfigError("property.fn", spec, "a `_target_` node, a dotted path or a callable")
 
 
+_CALLABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class FunctionProperty(QueryProperty):
     """A user function of the model's outputs on a set of evaluation examples.
 
@@ -222,9 +227,16 @@ class FunctionProperty(QueryProperty):
         name: str = "function",
     ) -> None:
         super().__init__(split, indices, classes, "none", False, measurement, name)
-        self._fn = _resolve(fn)
-        # A JSON-friendly description, so the pipeline can hash vars(self) for caching.
+        if isinstance(fn, functools.partial):  # a `_target_` node Hydra built already
+            fn = {"_target_": f"{fn.func.__module__}.{fn.func.__qualname__}", **fn.keywords}
+        # vars(self) must stay JSON (the pipeline hashes it into cache keys): the callable
+        # lives outside the instance dict, self.fn is its description.
+        _CALLABLES[self] = _resolve(fn)
         self.fn = fn if isinstance(fn, (str, dict)) else getattr(fn, "__qualname__", repr(fn))
+
+    @property
+    def _fn(self) -> RowFn:
+        return _CALLABLES[self]
 
     def examples(self, bundle: DataBundle) -> PropertyExamples:
         x, y = bundle.split(self.split)

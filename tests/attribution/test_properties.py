@@ -79,6 +79,23 @@ def test_function_property_values_and_gradients_match_autograd():
     assert torch.allclose(prop.values(logits[None], b)[0], ex.values(logits))
 
 
+def test_function_property_config_is_hashable():
+    """The pipeline hashes vars(property) into cache keys: it must stay JSON."""
+    import functools
+
+    from ggda.io import stable_hash
+
+    spec = {"_target_": "ggda.attribution.properties.mean_true_class_probability"}
+    built = functools.partial(mean_true_class_probability, classes=[1])  # Hydra-built node
+    keys = [stable_hash(vars(FunctionProperty(f))) for f in (spec, built)]
+    assert keys[0] != keys[1]
+    b = _bundle()
+    ex = FunctionProperty(built).examples(b)
+    logits = torch.randn(len(b.y_val), 3, dtype=torch.float64)
+    want = mean_true_class_probability(logits, b.y_val, classes=[1])
+    assert ex.m == 1 and torch.allclose(ex.values(logits), want)
+
+
 def test_function_property_errors():
     with pytest.raises(ConfigError, match="property.fn"):
         FunctionProperty("no.such.module.fn")
