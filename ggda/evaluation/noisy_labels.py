@@ -34,7 +34,7 @@ from ggda.models.functional import MEASUREMENTS
 
 SCORES = ("self", "val_loss")
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
-RANK_BY = ("sum", "mean", "mean2")
+RANK_BY = ("auto", "sum", "mean", "mean2")
 
 
 def normalise(scores: torch.Tensor, sizes: torch.Tensor, rank_by: str) -> torch.Tensor:
@@ -114,8 +114,10 @@ class NoisyLabels(Evaluator):
     Args:
         score: ``self`` (self-attribution, default) or ``val_loss``.
         fractions: fractions of the training set inspected, each in (0, 1].
-        rank_by: ``sum`` (the group's score; default), ``mean`` (score / |G_j|) or
-            ``mean2`` (score / |G_j|^2); see :func:`normalise`.
+        rank_by: ``sum`` (the group's score), ``mean`` (score / |G_j|), ``mean2``
+            (score / |G_j|^2; see :func:`normalise`) or ``auto`` (default: ``mean2`` for
+            self-attribution, which is quadratic in the group, ``mean`` for ``val_loss``,
+            which is linear). All agree for singleton groups.
         measurement: measurement of the validation property for ``score: val_loss``.
     """
 
@@ -125,7 +127,7 @@ class NoisyLabels(Evaluator):
         self,
         score: str = "self",
         fractions: list[float] | tuple[float, ...] = DEFAULT_FRACTIONS,
-        rank_by: str = "sum",
+        rank_by: str = "auto",
         measurement: str = "loss",
     ) -> None:
         self.score = check_choice("evaluation.noisy_labels.score", score, SCORES)
@@ -142,6 +144,8 @@ class NoisyLabels(Evaluator):
             }
         )
         self.rank_by = check_choice("evaluation.noisy_labels.rank_by", rank_by, RANK_BY)
+        if self.rank_by == "auto":
+            self.rank_by = "mean2" if self.score == "self" else "mean"
         self.measurement = check_choice(
             "evaluation.noisy_labels.measurement", measurement, MEASUREMENTS
         )

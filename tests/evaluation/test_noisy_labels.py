@@ -160,3 +160,9 @@ def test_rank_by_mean2_divides_by_size_squared():
     assert by_mean["recall/0.1"] == pytest.approx(2 / 18 * 2 / 4)
     assert by_mean2["recall/0.1"] == pytest.approx(0.5)
     assert by_mean2["auc"] == pytest.approx(roc_auc_score(b.noise_mask.numpy(), (ids == 0).numpy()))
+
+
+def test_rank_by_auto_resolves_by_score():
+    assert NoisyLabels().rank_by == "mean2"
+    assert NoisyLabels(score="val_loss").rank_by == "mean"
+    assert NoisyLabels(rank_by="sum").rank_by == "sum"
