@@ -224,8 +224,9 @@ class Pruning(Evaluator):
                     )
         stacked = torch.stack(masks)
         for row, keep in zip(rows, stacked, strict=True):
-            row["points_removed"] = int(n - keep.sum())
-            row["fraction_removed"] = float((n - keep.sum()) / n)
+            removed = n - int(keep.sum())
+            row["points_removed"] = removed
+            row["fraction_removed"] = removed / n
         return stacked, rows, skipped
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
