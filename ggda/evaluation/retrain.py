@@ -1,17 +1,33 @@
-"""The cached, parallel retraining service shared by every evaluation (design §5).
+"""The cached, parallel retraining service shared by every evaluation (design §5, §7).
 
 ``retrain(subset_mask, seed)`` trains a fresh model on the masked training set with the
 base model's recipe and returns its logits on the validation and test splits, from which
 every measurement (query loss or margin, any property, test accuracy) is derived. Results
 are stored once per (recipe, data, subset, seed) under ``<cache_dir>/retrain/<recipe key>/``
 and reused by every method, grouping and sweep job that asks for the same subset.
+
+Backends: ``sequential`` (in this process), ``process`` (a local pool of worker processes,
+one torch thread each) and ``submitit`` (retrains submitted as submitit jobs: SLURM array
+jobs with ``executor: slurm``, local processes with ``executor: local``).
+
+Concurrency: many sweep jobs share one cache. Every entry is written atomically (temp file
++ rename) and computed under a per-entry POSIX lock (``.<entry>.lock`` beside it): a job
+that wants a subset another job is computing waits for it and then reads its result, so a
+subset is trained once and the cache ends with one valid entry. (``flock`` works on local
+disks and on most cluster file systems; where it does not, the atomic rename still leaves
+one valid entry, at the price of a duplicated retrain.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import math
+import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,16 +43,55 @@ from ggda.models.training import Recipe, train_lean
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("process", "sequential")
+BACKENDS = ("process", "sequential", "submitit")
+EXECUTORS = ("local", "slurm")
 
 # Per-worker state, set once by the pool initializer (so the data is pickled once).
 _WORKER: dict[str, Any] = {}
 
+# One retrain to do: (cache path, meta, training indices, seed).
+Item = tuple[str, dict, torch.Tensor, int]
 
-def _init_worker(recipe: Recipe, bundle: DataBundle, threads: int) -> None:
-    torch.set_num_threads(threads)
-    _WORKER["recipe"] = recipe
-    _WORKER["bundle"] = bundle
+
+def auto_workers() -> int:
+    """Worker processes for ``workers: 0``: the CPUs this job may use.
+
+    A single run uses every CPU it can see. A job of a parallel sweep must use only its
+    share, or n jobs x n workers oversubscribe the machine: a SLURM job uses its
+    allocation (``SLURM_CPUS_PER_TASK``); a joblib (loky) worker or a ``submitit_local``
+    job uses ``OMP_NUM_THREADS``, which joblib sets to CPUs // n_jobs and the
+    ``submitit_local`` launcher config sets to 1.
+    """
+    env = os.environ
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    in_sweep_worker = multiprocessing.current_process().name.startswith("LokyProcess") or (
+        env.get("SUBMITIT_EXECUTOR") == "local"
+    )
+    if in_sweep_worker:
+        n = env.get("OMP_NUM_THREADS", "1")
+        return max(1, int(n)) if n.isdigit() else 1
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def entry_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive POSIX lock on ``.<name>.lock`` beside a cache entry.
+
+    The lock file is never deleted: unlinking a lock file another process is about to
+    open would let two processes hold "the" lock at once.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _train_and_measure(
@@ -52,11 +107,56 @@ def _train_and_measure(
         }
 
 
-def _worker_job(path: str, meta: dict, idx: torch.Tensor, seed: int) -> str:
-    out = _train_and_measure(_WORKER["recipe"], _WORKER["bundle"], idx, seed, "cpu")
-    # The worker writes the result itself, so a killed evaluation keeps finished retrains.
-    save_artifact(path, out, meta)
-    return path
+def compute_entry(
+    recipe: Recipe,
+    bundle: DataBundle,
+    path: str | Path,
+    meta: dict,
+    idx: torch.Tensor,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Retrain one (subset, seed) into the cache unless another process already has.
+
+    Under the entry's lock the cache is checked again, so of several processes asking
+    for the same entry at once exactly one trains and the others read its result.
+
+    Returns:
+        ``({"val": (N_val, C), "test": (N_test, C)} logits, computed)``; ``computed`` is
+        False when the entry was found in the cache.
+    """
+    with entry_lock(path):
+        got = load_or_none(path, meta, what="retrain result")
+        if got is not None:
+            return got, False
+        out = _train_and_measure(recipe, bundle, idx, seed, device)
+        # Written by whoever trained it, so a killed evaluation keeps finished retrains.
+        save_artifact(path, out, meta)
+        return out, True
+
+
+def _init_worker(recipe: Recipe, bundle: DataBundle, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["recipe"] = recipe
+    _WORKER["bundle"] = bundle
+
+
+def _worker_job(path: str, meta: dict, idx: torch.Tensor, seed: int) -> bool:
+    _, computed = compute_entry(_WORKER["recipe"], _WORKER["bundle"], path, meta, idx, seed)
+    return computed
+
+
+def submitit_job(recipe: Recipe, bundle: DataBundle, items: list[Item], threads: int) -> int:
+    """Body of one submitit job (one SLURM array task): retrain ``items`` into the cache.
+
+    Returns:
+        How many of the items this job trained (the rest it found in the cache).
+    """
+    torch.set_num_threads(threads)
+    computed = 0
+    for path, meta, idx, seed in items:
+        computed += compute_entry(recipe, bundle, path, meta, idx, seed)[1]
+    return computed
 
 
 class RetrainService:
@@ -64,13 +164,25 @@ class RetrainService:
 
     Args:
         cache_dir: root of the cache (shared by runs and sweep jobs).
-        backend: ``process`` (a pool of worker processes, one torch thread each) or
-            ``sequential`` (in this process; used on GPU and for tiny jobs).
-        workers: worker processes; 0 or less means one per CPU core.
+        backend: ``process`` (a pool of worker processes, one torch thread each),
+            ``sequential`` (in this process; used on GPU and for tiny jobs) or
+            ``submitit`` (submitit jobs; see ``executor``).
+        workers: worker processes (``process``) or concurrent local jobs (``submitit``
+            with ``executor: local``); 0 or less means :func:`auto_workers`.
         device: ``cpu`` or ``cuda`` (``auto`` picks cuda when available); non-CPU devices
             train sequentially in this process.
         min_parallel: fewer pending jobs than this run sequentially (pool start-up costs
             a few seconds).
+        executor: for ``backend: submitit``: ``local`` (processes on this machine) or
+            ``slurm`` (one SLURM array job per call, its tasks share the retrains).
+        jobs: submitit jobs (array tasks) per call; 0 means ``workers`` for ``local`` and
+            one per ``retrains_per_job`` retrains for ``slurm``.
+        retrains_per_job: retrains per SLURM array task when ``jobs`` is 0.
+        submitit_folder: where submitit keeps its pickles and job logs; default
+            ``<cache_dir>/submitit``.
+        slurm: SLURM resources per array task: ``partition``, ``timeout_min``,
+            ``cpus_per_task``, ``mem_gb``, ``array_parallelism``, ``account``, ``qos``,
+            ``additional_parameters`` (a dict of extra sbatch options).
     """
 
     def __init__(
@@ -80,12 +192,40 @@ class RetrainService:
         workers: int = 0,
         device: str = "cpu",
         min_parallel: int = 4,
+        executor: str = "local",
+        jobs: int = 0,
+        retrains_per_job: int = 8,
+        submitit_folder: str | None = None,
+        slurm: dict | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
-        self.backend = check_choice("evaluation.retrain.backend", backend, BACKENDS)
-        self.workers = int(workers) if int(workers) > 0 else (os.cpu_count() or 1)
-        self.device = check_choice("evaluation.retrain.device", device, ("cpu", "cuda", "auto"))
-        self.min_parallel = check_int("evaluation.retrain.min_parallel", min_parallel, 1)
+        self.backend = check_choice("retrain.backend", backend, BACKENDS)
+        self.workers = int(workers) if int(workers) > 0 else auto_workers()
+        self.device = check_choice("retrain.device", device, ("cpu", "cuda", "auto"))
+        self.min_parallel = check_int("retrain.min_parallel", min_parallel, 1)
+        self.executor = check_choice("retrain.executor", executor, EXECUTORS)
+        self.jobs = check_int("retrain.jobs", jobs, 0)
+        self.retrains_per_job = check_int("retrain.retrains_per_job", retrains_per_job, 1)
+        self.submitit_folder = (
+            Path(submitit_folder) if submitit_folder else self.cache_dir / "submitit"
+        )
+        self.slurm = dict(slurm or {})
+        unknown = set(self.slurm) - {
+            "partition",
+            "timeout_min",
+            "cpus_per_task",
+            "mem_gb",
+            "array_parallelism",
+            "account",
+            "qos",
+            "additional_parameters",
+        }
+        if unknown:
+            raise GGDAError(
+                f"retrain.slurm has unknown keys {sorted(unknown)}; allowed: partition, "
+                "timeout_min, cpus_per_task, mem_gb, array_parallelism, account, qos, "
+                "additional_parameters"
+            )
         self.recipe: Recipe | None = None
         self.bundle: DataBundle | None = None
         self.key: str | None = None
@@ -130,52 +270,50 @@ class RetrainService:
         if (masks.sum(1) == 0).any():
             raise GGDAError("cannot retrain on an empty subset")
         results: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        todo: list[tuple[int, int, Path, dict]] = []
+        # Pending entries by path: a subset drawn twice is trained once.
+        todo: dict[str, tuple[dict, torch.Tensor, int, list[tuple[int, int]]]] = {}
         for s, mask in enumerate(masks):
             for r, seed in enumerate(seeds):
                 path, meta = self.entry(mask, seed)
+                if str(path) in todo:
+                    todo[str(path)][3].append((s, r))
+                    continue
                 got = load_or_none(path, meta, what="retrain result")
                 if got is None:
-                    todo.append((s, r, path, meta))
+                    todo[str(path)] = (meta, mask.nonzero().squeeze(1), int(seed), [(s, r)])
                 else:
                     results[(s, r)] = got
-        self.stats["retrains_cached"] += len(results)
+        cached_before = len(results)
         if todo:
             log.info("%s: %d retrains to run, %d reused from cache", desc, len(todo), len(results))
         t0 = time.perf_counter()
         device = self._device()
-        parallel = (
+        items: list[Item] = [(p, meta, idx, seed) for p, (meta, idx, seed, _) in todo.items()]
+        if not items:
+            computed = 0
+        elif self.backend == "submitit" and device == "cpu":
+            computed = self._run_submitit(items, desc)
+        elif (
             self.backend == "process"
             and device == "cpu"
             and self.workers > 1
-            and len(todo) >= self.min_parallel
-        )
-        if parallel:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(
-                max_workers=min(self.workers, len(todo)),
-                mp_context=ctx,
-                initializer=_init_worker,
-                initargs=(self.recipe, self.bundle, 1),
-            ) as pool:
-                futs = {
-                    pool.submit(
-                        _worker_job, str(path), meta, masks[s].nonzero().squeeze(1), seeds[r]
-                    ): (s, r, path, meta)
-                    for s, r, path, meta in todo
-                }
-                for fut in tqdm(as_completed(futs), total=len(futs), desc=desc, leave=False):
-                    s, r, path, meta = futs[fut]
-                    fut.result()
-                    results[(s, r)] = load_or_none(path, meta, what="retrain result")
+            and len(items) >= self.min_parallel
+        ):
+            computed = self._run_pool(items, desc)
         else:
-            for s, r, path, meta in tqdm(todo, desc=desc, leave=False, disable=not todo):
-                out = _train_and_measure(
-                    self.recipe, self.bundle, masks[s].nonzero().squeeze(1), seeds[r], device
-                )
-                save_artifact(path, out, meta)
-                results[(s, r)] = out
-        self.stats["retrains_run"] += len(todo)
+            computed = 0
+            for path, meta, idx, seed in tqdm(items, desc=desc, leave=False):
+                out, did = compute_entry(self.recipe, self.bundle, path, meta, idx, seed, device)
+                computed += did
+                for sr in todo[path][3]:
+                    results[sr] = out
+        # Read back what the workers wrote (and copy to repeated draws of a subset).
+        for path, (meta, _, _, where) in todo.items():
+            got = results.get(where[0]) or load_or_none(path, meta, what="retrain result")
+            for sr in where:
+                results[sr] = got
+        self.stats["retrains_run"] += computed
+        self.stats["retrains_cached"] += cached_before + len(todo) - computed
         self.stats["retrain_seconds"] += time.perf_counter() - t0
         missing = [
             sr
@@ -193,3 +331,88 @@ class RetrainService:
             )
             for split in ("val", "test")
         }
+
+    # -- backends -------------------------------------------------------------------------
+    def _run_pool(self, items: list[Item], desc: str) -> int:
+        ctx = get_context("spawn")
+        computed = 0
+        with ProcessPoolExecutor(
+            max_workers=min(self.workers, len(items)),
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(self.recipe, self.bundle, 1),
+        ) as pool:
+            futs = [pool.submit(_worker_job, *item) for item in items]
+            for fut in tqdm(as_completed(futs), total=len(futs), desc=desc, leave=False):
+                computed += fut.result()
+        return computed
+
+    def _submitit_executor(self) -> Any:
+        try:
+            import submitit
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise GGDAError("retrain.backend=submitit needs `pip install submitit`") from e
+        self.submitit_folder.mkdir(parents=True, exist_ok=True)
+        try:
+            ex = submitit.AutoExecutor(
+                folder=str(self.submitit_folder / "%j"), cluster=self.executor
+            )
+        except Exception as e:  # no sbatch on this machine, for example
+            raise GGDAError(
+                f"retrain.executor={self.executor} is not available here ({e}); use "
+                "retrain.executor=local or another retrain.backend"
+            ) from e
+        s = self.slurm
+        params: dict[str, Any] = {"timeout_min": int(s.get("timeout_min", 60))}
+        if self.executor == "slurm":
+            params |= {
+                "cpus_per_task": int(s.get("cpus_per_task", 1)),
+                "slurm_array_parallelism": int(s.get("array_parallelism", 64)),
+            }
+            if s.get("mem_gb"):
+                params["mem_gb"] = int(s["mem_gb"])
+            for key in ("partition", "account", "qos"):
+                if s.get(key):
+                    params[f"slurm_{key}"] = s[key]
+            if s.get("additional_parameters"):
+                params["slurm_additional_parameters"] = dict(s["additional_parameters"])
+        ex.update_parameters(name="ggda-retrain", **params)
+        return ex
+
+    def _run_submitit(self, items: list[Item], desc: str) -> int:
+        if self.jobs > 0:
+            n_jobs = self.jobs
+        elif self.executor == "local":
+            n_jobs = self.workers
+        else:
+            n_jobs = math.ceil(len(items) / self.retrains_per_job)
+        n_jobs = max(1, min(n_jobs, len(items)))
+        # Strided chunks: neighbouring subsets cost about the same, so tasks stay balanced.
+        chunks = [items[i::n_jobs] for i in range(n_jobs)]
+        threads = int(self.slurm.get("cpus_per_task", 1)) if self.executor == "slurm" else 1
+        ex = self._submitit_executor()
+        jobs = ex.map_array(
+            submitit_job,
+            [self.recipe] * n_jobs,
+            [self.bundle] * n_jobs,
+            chunks,
+            [threads] * n_jobs,
+        )
+        log.info(
+            "%s: %d retrains submitted as %d %s submitit jobs (logs in %s)",
+            desc,
+            len(items),
+            n_jobs,
+            self.executor,
+            self.submitit_folder,
+        )
+        computed = 0
+        for job in tqdm(jobs, desc=desc, leave=False):
+            try:
+                computed += int(job.result())
+            except Exception as e:
+                raise GGDAError(
+                    f"retrain job {job.job_id} failed ({type(e).__name__}); its log: "
+                    f"{job.paths.stderr}. Finished retrains are cached: rerun to resume."
+                ) from e
+        return computed
