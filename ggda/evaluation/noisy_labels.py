@@ -164,7 +164,7 @@ class NoisyLabels(Evaluator):
         t0 = time.perf_counter()
         res = ctx.attributor.self_attribute(ctx.task)
         secs = time.perf_counter() - t0
-        scores = res.scores.double().cpu().reshape(-1)
+        scores = res.scores.detach().double().cpu().reshape(-1)
         if scores.shape != (g.k,):
             raise GGDAError(f"self-attribution must return ({g.k}, 1) scores")
         if not torch.isfinite(scores).all():

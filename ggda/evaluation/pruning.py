@@ -65,7 +65,7 @@ def property_group_scores(ctx: EvalContext, prop: QueryProperty) -> tuple[torch.
     run's checkpoints and grouping.
     """
     if _same_property(ctx.prop, prop) and ctx.scores.shape[1] == 1:
-        return ctx.scores[:, 0].double().cpu(), 0.0
+        return ctx.scores[:, 0].detach().double().cpu(), 0.0
     if ctx.attributor is None or ctx.task is None:
         raise GGDAError(
             "this evaluation attributes the validation loss itself and needs the run's "
@@ -74,7 +74,7 @@ def property_group_scores(ctx: EvalContext, prop: QueryProperty) -> tuple[torch.
     t0 = time.perf_counter()
     task = dataclasses.replace(ctx.task, queries=prop.examples(ctx.bundle))
     res = ctx.attributor.attribute(task)
-    scores = res.scores.double().cpu()
+    scores = res.scores.detach().double().cpu()
     if scores.shape != (ctx.grouping.k, 1):
         raise GGDAError(
             f"expected scores of shape ({ctx.grouping.k}, 1), got {tuple(scores.shape)}"
