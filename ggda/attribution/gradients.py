@@ -39,6 +39,10 @@ from ggda.errors import check_choice
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS = ("vmap", "loop", "factored")
+# The factored path's chunk output (c x p entries) is written fresh each chunk; a few MB
+# stays in the allocator's and the caches' reach, while 100+ MB chunks pay page faults
+# (measured on the MNIST MLP: k = n 2.6 s at 32M entries, 1.3 s at 1-2M).
+FACTORED_CHUNK_ELEMS = 2_000_000
 
 
 def select_params(model: nn.Module, last_layer: bool = False) -> dict[str, torch.Tensor]:
@@ -360,7 +364,8 @@ def iter_group_gradients(
 
     layers = linear_layers(model, params) if backend == "factored" else None
     if layers is not None:
-        for groups, members in _chunks_by_size(group_ids, k, max_points, max_groups):
+        f_groups = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
+        for groups, members in _chunks_by_size(group_ids, k, max_points, f_groups):
             flat = _factored_chunk(model, layers, params, x, y, members, fn)
             yield groups, projector(flat) if projector else flat
         return
