@@ -1,7 +1,7 @@
 """Recall-curve figure of docs/results/noisy_labels.md from finished noisy-label runs.
 
 Usage:
-    python docs/results/noisy_labels_plot.py OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+    python docs/results/noisy_labels_plot.py OUT.png LABEL@RUN_DIR [LABEL@RUN_DIR ...]
 
 Each RUN_DIR holds ``tables/noisy_labels_curve.csv`` and ``metrics.json`` (written by
 ``evaluation=noisy_labels``); all curves go on one axis beside random and oracle inspection.
@@ -24,7 +24,7 @@ def main(out: str, runs: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     rate = None
     for arg in runs:
-        label, run_dir = arg.split("=", 1)
+        label, run_dir = arg.split("@", 1)
         t = pd.read_csv(Path(run_dir) / "tables" / "noisy_labels_curve.csv")
         m = json.loads((Path(run_dir) / "metrics.json").read_text())
         rate = m["noisy_labels/noise_rate"]

@@ -1,7 +1,7 @@
 """Figure and Markdown table of docs/results/pruning.md from finished pruning runs.
 
 Usage:
-    python docs/results/pruning_plot.py OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+    python docs/results/pruning_plot.py OUT.png LABEL@RUN_DIR [LABEL@RUN_DIR ...]
 
 Each RUN_DIR is a run directory holding ``tables/pruning_curve.csv`` (written by
 ``evaluation=pruning``). One panel per run; the table is printed as Markdown.
@@ -25,7 +25,7 @@ NAMES = {"harmful": "harmful first", "helpful": "helpful first", "random": "rand
 def main(out: str, runs: list[str]) -> None:
     tables = []
     for arg in runs:
-        label, run_dir = arg.split("=", 1)
+        label, run_dir = arg.split("@", 1)
         t = pd.read_csv(Path(run_dir) / "tables" / "pruning_curve.csv")
         t.insert(0, "attribution", label)
         tables.append(t)
