@@ -20,7 +20,8 @@ chosen checkpoints of each). The kernel K (d, d) is
 The damping is relative, lambda = damping * trace(K) / d, so one value fits models and
 kernels of any scale (a rank-deficient group kernel, k < d, needs damping > 0).
 With ``kernel: points`` the numerator is formed from the per-sample features already in
-hand (segment sum of (1 - p_i) phi_i), so group scores are exactly M^T per-sample scores.
+hand (segment sum of (1 - p_i) phi_i), so group scores are exactly M^T per-sample scores;
+singleton groups (k = n) take that one-pass path whatever the kernel setting.
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ class TRAK(Attributor):
         kern = torch.zeros(d, d, dtype=dtype, device=device)
         num = torch.zeros(k, d, dtype=dtype, device=device)
         n = task.y_train.shape[0]
-        if self.kernel == "points":
+        # With singleton groups the group kernel *is* the points kernel, and the points
+        # path needs one gradient pass instead of two (margin and loss).
+        if self.kernel == "points" or k == n:
             for idx, phi in self._iter(net, task, torch.arange(n), n, margin, params, proj):
                 phi = phi.detach()
                 kern += phi.T @ phi
