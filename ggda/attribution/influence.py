@@ -45,7 +45,7 @@ class InfluenceFunction(Attributor):
         hvp_chunk: training points per batched HVP.
         max_explicit_params: the explicit solver's parameter limit.
         seed: LiSSA seed.
-        backend: ``vmap`` | ``loop`` for the group gradients.
+        backend: ``vmap`` | ``factored`` | ``loop`` for the gradients (see gradients.py).
         max_points: padded points per batched gradient chunk.
     """
 

@@ -77,7 +77,7 @@ class TRAK(Attributor):
             with seeds seed+1..; outside the pipeline only the base model is available).
         checkpoints: ``last`` | ``all`` | list of saved epochs, per model.
         last_layer: differentiate the head's parameters only.
-        backend: ``vmap`` | ``loop``.
+        backend: ``vmap`` | ``factored`` | ``loop`` (see gradients.py).
         max_points: padded points per batched gradient chunk.
     """
 

@@ -69,7 +69,7 @@ def test_singleton_equals_brute_force(measurement, kind):
 
 
 @pytest.mark.parametrize("solver", ["explicit", "cg"])
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "loop", "factored"])
 def test_group_scores_are_member_sums(solver, backend):
     n = 24
     x, y, _, _ = tiny_data(n=n)

@@ -84,7 +84,7 @@ def test_group_kernel_equals_brute_force():
     assert torch.allclose(got, want, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["vmap", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "loop", "factored"])
 def test_points_kernel_group_scores_are_member_sums(backend):
     n = 24
     x, y, _, _ = tiny_data(n=n)
