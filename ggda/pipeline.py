@@ -39,6 +39,10 @@ logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").s
 )
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
+# Bumped when code changes what a cached artifact holds for the same config (data
+# preprocessing, training loop), so that stale caches are not reused.
+CACHE_VERSION = 2
+
 # Config keys that do not change a run's results (so they do not make it "different").
 _VOLATILE = ("overwrite", "logger", "callbacks", "paths", "retrain", "trainer", "hydra")
 
@@ -84,7 +88,7 @@ def cache_keys(
     """Keys of the cached artifacts, each a hash of exactly what decides it."""
     data = OmegaConf.to_container(cfg.dataset, resolve=True)
     data.pop("num_queries", None)  # queries do not change training or the eval logits
-    data_key = stable_hash(data)
+    data_key = stable_hash({"data": data, "version": CACHE_VERSION})
     model = OmegaConf.to_container(cfg.model, resolve=True)
     recipe_key = stable_hash({"data": data_key, "model": model})
     model_key = stable_hash(

@@ -112,7 +112,8 @@ class TracIn(Attributor):
                 backend=self.backend,
                 max_points=self.max_points,
             )
-            qg = qg * q.weight.to(qg)[:, None]
+            # detach: with last_layer, the frozen body's parameters still require grad
+            qg = qg.detach() * q.weight.to(qg)[:, None]
             t1 = time.perf_counter()
             if scores is None:
                 scores = qg.new_zeros(k, q.m)
@@ -128,7 +129,7 @@ class TracIn(Attributor):
                 backend=self.backend,
                 max_points=self.max_points,
             ):
-                scores[groups.to(scores.device)] -= ck.lr * (g @ qg.T)
+                scores[groups.to(scores.device)] -= ck.lr * (g.detach() @ qg.T)
             t_query += t1 - t0
             t_train += time.perf_counter() - t1
         if scores is None:
@@ -172,6 +173,7 @@ class TracIn(Attributor):
                 if scores is None:
                     scores = g.new_zeros(k, 1)
                 # <grad(-L_G), -grad L_G> = ||grad L_G||^2
+                g = g.detach()
                 scores[groups.to(g.device), 0] += ck.lr * (g * g).sum(1)
         if scores is None:
             raise GGDAError("TracIn needs at least one checkpoint")

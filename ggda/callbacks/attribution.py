@@ -133,6 +133,7 @@ class GroupAttributionCallback(GGDACallback):
         else:
             t0 = time.perf_counter()
             result = ctx.attributor.attribute(ctx.task)
+            result.scores = result.scores.detach()
             result.timings["total"] = time.perf_counter() - t0
             save_artifact(
                 path,

@@ -112,9 +112,15 @@ def flip_labels(
 
 
 def standardize(
-    x_train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6
+    x_train: torch.Tensor, *others: torch.Tensor, floor: float = 0.1, eps: float = 1e-6
 ) -> list[torch.Tensor]:
-    """Standardise every split with the training split's per-feature mean and std."""
+    """Standardise every split with the training split's per-feature mean and std.
+
+    The std is floored at ``floor`` times the mean feature std: a pixel that is (almost)
+    constant in the training split but not elsewhere would otherwise be divided by ~0 and
+    reach values of 1e5 on a few validation/test points, dominating their loss.
+    """
     mu = x_train.mean(0, keepdim=True)
-    sd = x_train.std(0, keepdim=True).clamp_min(eps)
+    sd = x_train.std(0, keepdim=True)
+    sd = sd.clamp_min(max(floor * float(sd.mean()), eps))
     return [(x - mu) / sd for x in (x_train, *others)]

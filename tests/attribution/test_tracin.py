@@ -124,3 +124,28 @@ def test_nan_scores_are_reported_not_saved():
     assert torch.isnan(result.scores).any()
     with pytest.raises(GGDAError, match="NaN/infinite scores"):
         check_finite_scores(result, "tracin")
+
+
+def test_last_layer_scores_are_plain_tensors_and_match_head_only_brute_force():
+    n = 8
+    task = tiny_task(torch.arange(n), n, n=n)
+    for p in task.net.parameters():
+        p.requires_grad_(True)
+    got = TracIn(last_layer=True).attribute(task).scores
+    assert not got.requires_grad
+    net = task.net
+    want = torch.zeros_like(got)
+    for ck in task.checkpoints:
+        net.load_state_dict(ck.state_dict)
+        head = list(net.fc.parameters())
+        for i in range(n):
+            gi = torch.autograd.grad(
+                per_example_loss(net(task.x_train[i : i + 1]), task.y_train[i : i + 1]).sum(), head
+            )
+            for q in range(task.queries.m):
+                f = measurement_fn("loss")(
+                    net(task.queries.x[q : q + 1]), task.queries.y[q : q + 1]
+                )
+                gq = torch.autograd.grad(f.sum(), head)
+                want[i, q] += ck.lr * sum((a * -b).sum() for a, b in zip(gq, gi, strict=True))
+    assert torch.allclose(got, want, atol=1e-10)
