@@ -116,11 +116,13 @@ def standardize(
 ) -> list[torch.Tensor]:
     """Standardise every split with the training split's per-feature mean and std.
 
-    The std is floored at ``floor`` times the mean feature std: a pixel that is (almost)
+    The std is floored at ``floor`` times the mean std of the varying features: a pixel that is (almost)
     constant in the training split but not elsewhere would otherwise be divided by ~0 and
     reach values of 1e5 on a few validation/test points, dominating their loss.
     """
     mu = x_train.mean(0, keepdim=True)
     sd = x_train.std(0, keepdim=True)
-    sd = sd.clamp_min(max(floor * float(sd.mean()), eps))
+    varying = sd[sd > eps]
+    ref = float(varying.mean()) if varying.numel() else 1.0
+    sd = sd.clamp_min(max(floor * ref, eps))
     return [(x - mu) / sd for x in (x_train, *others)]
