@@ -77,17 +77,27 @@ def auto_workers() -> int:
         return os.cpu_count() or 1
 
 
+class EntryBusy(Exception):
+    """Another process holds the entry's lock (raised by a non-blocking lock attempt)."""
+
+
 @contextlib.contextmanager
-def entry_lock(path: str | Path) -> Iterator[None]:
+def entry_lock(path: str | Path, blocking: bool = True) -> Iterator[None]:
     """Hold an exclusive POSIX lock on ``.<name>.lock`` beside a cache entry.
 
     The lock file is never deleted: unlinking a lock file another process is about to
     open would let two processes hold "the" lock at once.
+
+    Raises:
+        EntryBusy: ``blocking`` is False and another process holds the lock.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as e:
+            raise EntryBusy(str(path)) from e
         try:
             yield
         finally:
@@ -115,6 +125,7 @@ def compute_entry(
     idx: torch.Tensor,
     seed: int,
     device: str = "cpu",
+    blocking: bool = True,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Retrain one (subset, seed) into the cache unless another process already has.
 
@@ -124,8 +135,11 @@ def compute_entry(
     Returns:
         ``({"val": (N_val, C), "test": (N_test, C)} logits, computed)``; ``computed`` is
         False when the entry was found in the cache.
+
+    Raises:
+        EntryBusy: ``blocking`` is False and another process is computing the entry.
     """
-    with entry_lock(path):
+    with entry_lock(path, blocking):
         got = load_or_none(path, meta, what="retrain result")
         if got is not None:
             return got, False
@@ -135,15 +149,49 @@ def compute_entry(
         return out, True
 
 
+def compute_entries(
+    recipe: Recipe, bundle: DataBundle, items: list[Item], device: str = "cpu", desc: str = ""
+) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """Compute ``items`` in two passes: first those no other process is computing, then
+    (waiting for their locks) the rest, which are then usually read from the cache. Sweep
+    jobs asking for the same subsets at once thus share the work instead of queueing.
+
+    Returns:
+        ``({path: logits}, number trained here)``.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    computed, busy = 0, []
+    bar = tqdm(total=len(items), desc=desc, leave=False, disable=not desc)
+    for blocking, todo in ((False, items), (True, busy)):
+        for path, meta, idx, seed in todo:
+            try:
+                out[path], did = compute_entry(
+                    recipe, bundle, path, meta, idx, seed, device, blocking
+                )
+            except EntryBusy:
+                busy.append((path, meta, idx, seed))
+                continue
+            computed += did
+            bar.update()
+    bar.close()
+    return out, computed
+
+
 def _init_worker(recipe: Recipe, bundle: DataBundle, threads: int) -> None:
     torch.set_num_threads(threads)
     _WORKER["recipe"] = recipe
     _WORKER["bundle"] = bundle
 
 
-def _worker_job(path: str, meta: dict, idx: torch.Tensor, seed: int) -> bool:
-    _, computed = compute_entry(_WORKER["recipe"], _WORKER["bundle"], path, meta, idx, seed)
-    return computed
+def _worker_job(path: str, meta: dict, idx: torch.Tensor, seed: int, blocking: bool) -> int:
+    """1 trained, 0 found in the cache, -1 busy (another process is computing it)."""
+    try:
+        _, computed = compute_entry(
+            _WORKER["recipe"], _WORKER["bundle"], path, meta, idx, seed, "cpu", blocking
+        )
+    except EntryBusy:
+        return -1
+    return int(computed)
 
 
 def submitit_job(recipe: Recipe, bundle: DataBundle, items: list[Item], threads: int) -> int:
@@ -153,10 +201,7 @@ def submitit_job(recipe: Recipe, bundle: DataBundle, items: list[Item], threads:
         How many of the items this job trained (the rest it found in the cache).
     """
     torch.set_num_threads(threads)
-    computed = 0
-    for path, meta, idx, seed in items:
-        computed += compute_entry(recipe, bundle, path, meta, idx, seed)[1]
-    return computed
+    return compute_entries(recipe, bundle, items)[1]
 
 
 class RetrainService:
@@ -301,10 +346,8 @@ class RetrainService:
         ):
             computed = self._run_pool(items, desc)
         else:
-            computed = 0
-            for path, meta, idx, seed in tqdm(items, desc=desc, leave=False):
-                out, did = compute_entry(self.recipe, self.bundle, path, meta, idx, seed, device)
-                computed += did
+            outs, computed = compute_entries(self.recipe, self.bundle, items, device, desc)
+            for path, out in outs.items():
                 for sr in todo[path][3]:
                     results[sr] = out
         # Read back what the workers wrote (and copy to repeated draws of a subset).
@@ -342,9 +385,19 @@ class RetrainService:
             initializer=_init_worker,
             initargs=(self.recipe, self.bundle, 1),
         ) as pool:
-            futs = [pool.submit(_worker_job, *item) for item in items]
-            for fut in tqdm(as_completed(futs), total=len(futs), desc=desc, leave=False):
-                computed += fut.result()
+            bar = tqdm(total=len(items), desc=desc, leave=False)
+            # First what no other process is computing, then wait for the rest.
+            for blocking in (False, True):
+                futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
+                items = []
+                for fut in as_completed(futs):
+                    got = fut.result()
+                    if got < 0:
+                        items.append(futs[fut])
+                    else:
+                        computed += got
+                        bar.update()
+            bar.close()
         return computed
 
     def _submitit_executor(self) -> Any:
