@@ -207,12 +207,30 @@ def main(argv: list[str] | None = None) -> None:
             lambda: scores(TRAK(**trk | {"damping": 0.01}, backend="factored"), k, "margin")
         ),
     }
+    # Noise floors: how far two exact-definition runs that differ only in the random
+    # projection agree. dattri cannot share ggda's P, so this is the best agreement to expect.
+    trak_seed1, _ = timed(lambda: scores(TRAK(**trk, kernel="points", proj_seed=1), n, "margin"))
+    floors = {
+        "tracin": (
+            "ggda proj 512 vs ggda exact",
+            corr(
+                ggda["tracin"]["per-sample proj 512 (vmap)"][0],
+                ggda["tracin"]["per-sample exact (vmap)"][0],
+            ),
+        ),
+        "trak": (
+            "ggda proj_seed 1 vs proj_seed 0",
+            corr(trak_seed1, ggda["trak"]["per-sample points kernel (vmap)"][0]),
+        ),
+    }
 
     why = None
     try:
+        from importlib.metadata import version
+
         import dattri
 
-        dver = dattri.__version__ if hasattr(dattri, "__version__") else "?"
+        dver = getattr(dattri, "__version__", None) or version("dattri")
         d = dattri_runs(net, cks, x, y, qx, qy, args)
     except Exception as e:  # report, do not hide: the ggda side is still useful
         why = f"{type(e).__name__}: {e}\n\n```\n{traceback.format_exc(limit=4)}\n```"
@@ -253,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
             ]
             L.append(f"| {meth} | ggda {name} | {t:.2f} | {ratio} | " + " | ".join(cells) + " |")
             rows.append({"method": meth, "impl": f"ggda {name}", "seconds": t} | c)
+        if meth in floors:
+            label, c = floors[meth]
+            cells = [f"{c[key]:.3f}" for key in ("pearson", "spearman", "per_query_pearson")]
+            L.append(f"| {meth} | noise floor: {label} | | | " + " | ".join(cells) + " |")
+            rows.append({"method": meth, "impl": f"noise floor: {label}"} | c)
     if why:
         L += ["", f"**dattri could not be run**: {why}"]
     out = Path(args.out)
