@@ -259,6 +259,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 continue
             measurement = "margin" if name == "trak" else "loss"
             for k in ks:
+                if k == n and backend not in args.per_sample_backends:
+                    continue
                 task = AttributionTask(
                     net=net,
                     checkpoints=cks,
@@ -473,6 +475,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="epochs = checkpoints")
     p.add_argument("--methods", default="tracin,influence,trak")
     p.add_argument("--backends", default="vmap,factored")
+    p.add_argument(
+        "--per-sample-backends",
+        default="vmap",
+        help="backends of the per-sample (k = n) method runs (the baseline; the bare pass "
+        "table covers every backend)",
+    )
     p.add_argument("--proj-dim", type=int, default=512)
     p.add_argument("--if-solver", default="explicit", choices=["explicit", "cg", "lissa"])
     p.add_argument("--if-iterations", type=int, default=100)
@@ -482,6 +490,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.methods = a.methods.split(",")
     a.backends = a.backends.split(",")
+    a.per_sample_backends = a.per_sample_backends.split(",")
     return a
 
 
