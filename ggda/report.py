@@ -457,19 +457,26 @@ def plot_frontier(df: pd.DataFrame) -> Any:
         pts_f += list(f)
     if pts_t:
         front = pareto_front(np.asarray(pts_t), np.asarray(pts_f))
-        ax.step(
-            np.asarray(pts_t)[front],
-            np.asarray(pts_f)[front],
-            where="post",
-            color="k",
-            lw=2,
-            alpha=0.35,
+        ft, ff = np.asarray(pts_t)[front], np.asarray(pts_f)[front]
+        # Rings mark the front's points (a front of one point has no line to draw).
+        ax.step(ft, ff, where="post", color="k", lw=2, alpha=0.3, zorder=0)
+        ax.plot(
+            ft,
+            ff,
+            ls="none",
+            marker="o",
+            ms=15,
+            mfc="none",
+            mec="k",
+            mew=1.2,
+            alpha=0.6,
             label="Pareto front",
             zorder=0,
         )
     else:
         ax.text(0.5, 0.5, "no runs with both LDS and timings", ha="center", transform=ax.transAxes)
     ax.set_xscale("log")
+    ax.margins(x=0.1)  # room for the k labels
     _plain_log(ax.xaxis)
     ax.set_xlabel("attribution + grouping time, seconds (log scale)")
     ax.set_ylabel(f"{col.split('/')[1]}-level LDS")

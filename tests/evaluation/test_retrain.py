@@ -150,3 +150,47 @@ def test_entry_lock_makes_a_second_process_wait_and_reuse(tmp_path):
     p.join(timeout=60)
     assert p.exitcode == 0
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_busy_entries_are_done_last_so_concurrent_jobs_share_the_work(tmp_path):
+    """An entry another job is computing (its lock held) is skipped first and read from the
+    cache at the end, instead of blocking the other retrains."""
+    import threading
+
+    svc = _service(tmp_path, backend="sequential")
+    masks = _masks(count=3)
+    items = []
+    for m in masks:
+        path, meta = svc.entry(m, 0)
+        items.append((str(path), meta, m.nonzero().squeeze(1), 0))
+    got = {}
+
+    def job():
+        got["out"], got["computed"] = rt.compute_entries(tiny_recipe(), tiny_bundle(), items)
+
+    with entry_lock(items[0][0]):  # "another job" is computing the first entry
+        t = threading.Thread(target=job)
+        t.start()
+        for _ in range(600):
+            if all(Path(p).exists() for p, *_ in items[1:]):
+                break
+            t.join(timeout=0.05)
+        assert all(Path(p).exists() for p, *_ in items[1:])  # the others did not wait
+        assert not Path(items[0][0]).exists() and t.is_alive()  # now waiting for the first
+        p0, meta0, idx0, _ = items[0]
+        save_artifact(
+            p0, rt._train_and_measure(tiny_recipe(), tiny_bundle(), idx0, 0, "cpu"), meta0
+        )
+    t.join(timeout=60)
+    assert got["computed"] == 2 and set(got["out"]) == {p for p, *_ in items}
+
+
+@pytest.mark.slow
+def test_process_backend_matches_sequential(tmp_path):
+    torch.set_num_threads(1)
+    masks = _masks(count=4)
+    ref = _service(tmp_path / "a", backend="sequential").run(masks, [0])
+    svc = _service(tmp_path / "b", backend="process", workers=2, min_parallel=1)
+    out = svc.run(masks, [0])
+    torch.testing.assert_close(out["val"], ref["val"], rtol=1e-4, atol=1e-5)
+    assert svc.stats["retrains_run"] == 4 and len(_entries(tmp_path / "b")) == 4
