@@ -22,6 +22,7 @@ LABELS = {
     "kmeans": "K-means, inputs",
     "repr_kmeans": "K-means, representations",
     "grad_kmeans": "K-means, gradients (Grad-K-Means)",
+    "grad_kmeans_balanced": "K-means, gradients, balanced",
 }
 
 
@@ -85,6 +86,19 @@ def main(out: Path) -> None:
                 cells += [pm(dk.point), pm(dk.group)]
             seeds = ",".join(str(s) for s in sorted(dg.gseed.unique()))
             print(f"| {LABELS.get(g, g)} | " + " | ".join(cells) + f" | {seeds} |")
+        print()
+    # group sizes (the LDS of a broadcast score depends on them)
+    sizes = df[df.grouping != "singleton"].drop_duplicates(["grouping", "k", "gseed"])
+    if not sizes.empty:
+        print("### Group sizes (min-max, over seeds)\n")
+        print("| grouping | " + " | ".join(f"k={k}" for k in ks) + " |")
+        print("|---|" + "---:|" * len(ks))
+        for g in sorted(sizes.grouping.unique(), key=lambda g: order.get(g, 99)):
+            cells = []
+            for k in ks:
+                d = sizes[(sizes.grouping == g) & (sizes.k == k)]
+                cells.append(f"{int(d.size_min.min())}-{int(d.size_max.max())}" if len(d) else "-")
+            print(f"| {LABELS.get(g, g)} | " + " | ".join(cells) + " |")
         print()
     # timings (grouping computed fresh, not reused from the cache)
     fresh = df[(df.grouping_cached == 0) & (df.grouping != "singleton")]

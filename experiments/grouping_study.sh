@@ -23,6 +23,11 @@ for method in "${METHODS[@]}"; do
     grouping.seed=0,1,2 groups=40,200,400 \
     grouping=random,class,kmeans,repr_kmeans,grad_kmeans \
     logger=none sweep_name="grouping_study_$method" trainer.enable_progress_bar=false
+  # Balanced Grad-K-Means (equal sizes), seed 0: free Grad-K-Means puts the well-fit
+  # points (gradient ~ 0) into one giant group.
+  python run.py -m "method=$method" grouping=grad_kmeans grouping.balanced=true \
+    grouping.name=grad_kmeans_balanced grouping.seed=0 groups=40,200,400 \
+    logger=none sweep_name="grouping_study_$method" trainer.enable_progress_bar=false
   # The per-sample (k = n) reference (point level only: at k = n group level is the same
   # question on other subsets, and would cost 50 more retrains).
   python run.py "method=$method" grouping=singleton 'evaluation.lds.levels=[point]' \
