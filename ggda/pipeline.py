@@ -280,6 +280,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         keys=keys,
         seed=int(cfg.seed),
         loggers=loggers,
+        # TRAK's ensemble: models of seeds seed+1.. trained and cached like the base model
+        ensemble=lambda count: [
+            train_member(cfg, keys, bundle, recipe, int(cfg.seed) + i) for i in range(1, count + 1)
+        ],
     )
     ctx.log(
         {

@@ -17,14 +17,14 @@ import torch
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
 from ggda.attribution.gradients import (
     BACKENDS,
-    group_gradients,
     iter_group_gradients,
     num_params,
     select_params,
 )
 from ggda.attribution.projection import PROJ_TYPES, RandomProjector
+from ggda.attribution.properties import query_gradients
 from ggda.errors import ConfigError, GGDAError, check_choice, check_int
-from ggda.models.functional import measurement_fn, per_example_loss
+from ggda.models.functional import per_example_loss
 
 
 def pick_checkpoints(checkpoints: list[Checkpoint], which: str | list[int]) -> list[Checkpoint]:
@@ -84,7 +84,6 @@ class TracIn(Attributor):
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""
-        f = measurement_fn(task.queries.measurement)
         net = task.net.to(task.device).eval()
         k = task.grouping.k
         q = task.queries
@@ -99,21 +98,10 @@ class TracIn(Attributor):
                 else None
             )
             t0 = time.perf_counter()
-            # grad of each property row: weight_r * sum_{i in S_r} grad f(z_i)
-            qg = group_gradients(
-                net,
-                q.x,
-                q.y,
-                q.row_ids,
-                q.m,
-                f,
-                params=params,
-                projector=proj,
-                backend=self.backend,
-                max_points=self.max_points,
-            )
-            # detach: with last_layer, the frozen body's parameters still require grad
-            qg = qg.detach() * q.weight.to(qg)[:, None]
+            # grad of each property row (measurement sums/means or a user function)
+            qg = query_gradients(
+                net, q, params, proj, backend=self.backend, max_points=self.max_points
+            ).detach()  # detach: with last_layer the frozen body still requires grad
             t1 = time.perf_counter()
             if scores is None:
                 scores = qg.new_zeros(k, q.m)

@@ -16,6 +16,7 @@ from ggda.attribution.properties import (
     mean_true_class_probability,
     query_gradients,
 )
+from ggda.attribution.tracin import TracIn
 from ggda.attribution.trak import TRAK
 from ggda.errors import ConfigError, GGDAError
 from ggda.grouping.base import Grouping
@@ -117,8 +118,8 @@ def _task(prop, b, k=5):
 
 @pytest.mark.parametrize(
     "method",
-    [InfluenceFunction(damping=0.1), TRAK(proj_dim=8, kernel="points")],
-    ids=["influence", "trak"],
+    [InfluenceFunction(damping=0.1), TRAK(proj_dim=8, kernel="points"), TracIn()],
+    ids=["influence", "trak", "tracin"],
 )
 def test_methods_accept_a_user_function_property(method):
     """A user function equal to the mean -loss over val gives the built-in property's scores."""
