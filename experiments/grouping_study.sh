@@ -12,6 +12,8 @@
 # two methods may also run as two concurrent invocations, as was done for the committed
 # results: `grouping_study.sh tracin & grouping_study.sh trak`). Then the table:
 #   python experiments/grouping_study.py $OUT > docs/results/grouping_study.md
+# If retrain jobs die silently with the process backend (seen once on a machine loaded by
+# other sweeps, cause not found), add `retrain.backend=sequential` to the sweeps below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gstudy}
