@@ -97,7 +97,9 @@ class TrainingHessian:
         rows = idx if idx is not None else torch.arange(self.n)
         for s in range(0, rows.numel(), self.chunk):
             sel = rows[s : s + self.chunk]
-            xb = self.x[sel].to(self.device, self.dtype)
+            xb = self.x[sel].to(self.device)
+            if xb.is_floating_point():  # token ids stay integers
+                xb = xb.to(self.dtype)
             yb = self.y[sel].to(self.device)
             out += batched(v, xb, yb)
         return out

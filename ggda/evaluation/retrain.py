@@ -110,11 +110,15 @@ def _train_and_measure(
     net = train_lean(
         recipe, bundle.x_train[idx], bundle.y_train[idx], bundle.num_classes, seed, device
     )
-    with torch.no_grad():
-        return {
-            "val": net(bundle.x_val.to(device)).float().cpu(),
-            "test": net(bundle.x_test.to(device)).float().cpu(),
-        }
+    return {"val": predict(net, bundle.x_val, device), "test": predict(net, bundle.x_test, device)}
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, x: torch.Tensor, device: str, batch: int = 512) -> torch.Tensor:
+    """Logits (N, C) in chunks, so a large net on a large split fits in memory."""
+    return torch.cat(
+        [net(x[s : s + batch].to(device)).float().cpu() for s in range(0, x.shape[0], batch)]
+    )
 
 
 def compute_entry(
