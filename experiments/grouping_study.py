@@ -50,7 +50,9 @@ def load(out: Path) -> pd.DataFrame:
                 "size_max": m.get("grouping/size_max"),
             }
         )
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # A config finished twice (e.g. rerun with another retrain backend) counts once.
+    return df.drop_duplicates(["method", "grouping", "k", "gseed"], keep="last")
 
 
 def pm(s: pd.Series) -> str:
@@ -103,7 +105,7 @@ def main(out: Path) -> None:
     # timings (grouping computed fresh, not reused from the cache)
     fresh = df[(df.grouping_cached == 0) & (df.grouping != "singleton")]
     if not fresh.empty:
-        print("### Timings (s, mean over fresh groupings and methods)\n")
+        print("### Timings (wall s on the shared machine, grouping computed fresh)\n")
         print("| grouping | k | features | clustering | grouping total | attribution (method) |")
         print("|---|---:|---:|---:|---:|---|")
         for (g, k), d in fresh.groupby(["grouping", "k"]):
