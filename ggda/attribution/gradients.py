@@ -364,7 +364,10 @@ def iter_group_gradients(
 
     layers = linear_layers(model, params) if backend == "factored" else None
     if layers is not None:
-        f_groups = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
+        # With a projection, big chunks amortise reading the (p, d) matrix once per chunk
+        # (a (c, p) @ (p, d) product is bound by reading P when c is small).
+        small = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
+        f_groups = max_groups if projector is not None else small
         for groups, members in _chunks_by_size(group_ids, k, max_points, f_groups):
             flat = _factored_chunk(model, layers, params, x, y, members, fn)
             yield groups, projector(flat) if projector else flat
