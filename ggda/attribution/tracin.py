@@ -18,13 +18,15 @@ from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
 from ggda.attribution.gradients import (
     BACKENDS,
     iter_group_gradients,
+    linear_layers,
     num_params,
+    per_sample_inner_products,
     select_params,
 )
 from ggda.attribution.projection import PROJ_TYPES, RandomProjector
 from ggda.attribution.properties import query_gradients
 from ggda.errors import ConfigError, GGDAError, check_choice, check_int
-from ggda.models.functional import per_example_loss
+from ggda.models.functional import measurement_fn, per_example_loss
 
 
 def pick_checkpoints(checkpoints: list[Checkpoint], which: str | list[int]) -> list[Checkpoint]:
@@ -54,7 +56,10 @@ class TracIn(Attributor):
         proj_type: ``rademacher`` | ``gaussian``.
         proj_seed: projection seed.
         last_layer: differentiate only the head's parameters.
-        backend: ``vmap`` (batched) or ``loop`` (reference).
+        backend: ``factored`` (default: per-layer factorised inner products when there is
+            no projection, else segment-summed Linear gradients; falls back to ``vmap``
+            where a layer is not Linear), ``vmap`` (batched autograd) or ``loop``
+            (one backward per group, the reference).
         max_points: padded points per batched chunk.
     """
 
@@ -67,7 +72,7 @@ class TracIn(Attributor):
         proj_type: str = "rademacher",
         proj_seed: int = 0,
         last_layer: bool = False,
-        backend: str = "vmap",
+        backend: str = "factored",
         max_points: int = 2048,
     ) -> None:
         if isinstance(checkpoints, str):
@@ -81,6 +86,16 @@ class TracIn(Attributor):
         self.last_layer = bool(last_layer)
         self.backend = check_choice("method.backend", backend, BACKENDS)
         self.max_points = check_int("method.max_points", max_points, 1)
+
+    def _ghost(self, net, params, q) -> bool:
+        """Use factorised inner products: backend ``factored``, no projection, a measurement
+        property, and every differentiated parameter in a Linear layer."""
+        return (
+            self.backend == "factored"
+            and self.proj_dim is None
+            and q.fn is None
+            and linear_layers(net, params) is not None
+        )
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""
@@ -98,26 +113,48 @@ class TracIn(Attributor):
                 else None
             )
             t0 = time.perf_counter()
-            # grad of each property row (measurement sums/means or a user function)
-            qg = query_gradients(
-                net, q, params, proj, backend=self.backend, max_points=self.max_points
-            ).detach()  # detach: with last_layer the frozen body still requires grad
-            t1 = time.perf_counter()
             if scores is None:
-                scores = qg.new_zeros(k, q.m)
-            for groups, g in iter_group_gradients(
-                net,
-                task.x_train,
-                task.y_train,
-                task.grouping.group_ids,
-                k,
-                per_example_loss,
-                params=params,
-                projector=proj,
-                backend=self.backend,
-                max_points=self.max_points,
-            ):
-                scores[groups.to(scores.device)] -= ck.lr * (g.detach() @ qg.T)
+                scores = torch.zeros(
+                    k, q.m, dtype=next(iter(params.values())).dtype, device=task.device
+                )
+            if self._ghost(net, params, q):
+                # <grad f_q, grad l_i> per layer as (g.g')(a.a'): no gradient is materialised
+                # and the cost is one pass over the data whatever k is.
+                ip = per_sample_inner_products(
+                    net,
+                    task.x_train,
+                    task.y_train,
+                    per_example_loss,
+                    q.x,
+                    q.y,
+                    measurement_fn(q.measurement),
+                    params=params,
+                    group_ids=task.grouping.group_ids,
+                    k=k,
+                ).detach()  # (k, N_q)
+                rows = torch.zeros(q.x.shape[0], q.m, dtype=ip.dtype, device=ip.device)
+                rows[torch.arange(q.x.shape[0]), q.row_ids.to(ip.device)] = 1.0
+                scores -= ck.lr * (ip @ (rows * q.weight.to(ip)[None, :]))
+                t1 = t0
+            else:
+                # grad of each property row (measurement sums/means or a user function)
+                qg = query_gradients(
+                    net, q, params, proj, backend=self.backend, max_points=self.max_points
+                ).detach()  # detach: with last_layer the frozen body still requires grad
+                t1 = time.perf_counter()
+                for groups, g in iter_group_gradients(
+                    net,
+                    task.x_train,
+                    task.y_train,
+                    task.grouping.group_ids,
+                    k,
+                    per_example_loss,
+                    params=params,
+                    projector=proj,
+                    backend=self.backend,
+                    max_points=self.max_points,
+                ):
+                    scores[groups.to(scores.device)] -= ck.lr * (g.detach() @ qg.T)
             t_query += t1 - t0
             t_train += time.perf_counter() - t1
         if scores is None:

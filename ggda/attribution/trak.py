@@ -184,12 +184,14 @@ class TRAK(Attributor):
         t_feat = t_query = t_solve = 0.0
         models = self.models(task)
         for e, cks in enumerate(models):
+            proj = None  # one projection per model: its checkpoints share it (and its cache)
             for ck in pick_checkpoints(cks, self.checkpoints):
                 net.load_state_dict(ck.state_dict)
                 params = select_params(net, self.last_layer)
-                proj = RandomProjector(
-                    num_params(params), self.proj_dim, self.proj_seed + e, self.proj_type
-                )
+                if proj is None:
+                    proj = RandomProjector(
+                        num_params(params), self.proj_dim, self.proj_seed + e, self.proj_type
+                    )
                 t0 = time.perf_counter()
                 kern, num = self.features(net, task, params, proj)
                 t1 = time.perf_counter()
