@@ -40,7 +40,9 @@ def _forward_features(
     dtype = next(model.parameters()).dtype
     hs, os_ = [], []
     for s in range(0, x.shape[0], batch):
-        xb = x[s : s + batch].to(device, dtype)
+        xb = x[s : s + batch].to(device)
+        if xb.is_floating_point():  # token ids stay integers
+            xb = xb.to(dtype)
         h = model.features(xb)
         hs.append(h.flatten(1))
         os_.append(model.head(h))
@@ -83,6 +85,12 @@ def compute_features(
         device: where to compute.
     """
     check_choice("grouping.features", kind, FEATURES)
+    if kind == "inputs" and not x.is_floating_point():
+        raise GGDAError(
+            "grouping.features=inputs clusters raw inputs, but these are integer token ids "
+            "(meaningless as coordinates). Use `grouping.features=gradients` or "
+            "`grouping.features=representations`."
+        )
     if kind == "inputs":
         f = x.flatten(1).to(device)
         if not f.is_floating_point():
