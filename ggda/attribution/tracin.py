@@ -97,21 +97,40 @@ class TracIn(Attributor):
             and linear_layers(net, params) is not None
         )
 
+    def _projector(self, params: dict[str, torch.Tensor]) -> RandomProjector | None:
+        if not self.proj_dim:
+            return None
+        return RandomProjector(num_params(params), self.proj_dim, self.proj_seed, self.proj_type)
+
+    def _train_grads(self, task: AttributionTask, net, params, proj):
+        """Stream (groups (c,), summed training-loss gradients (c, d)) of the grouping."""
+        for groups, g in iter_group_gradients(
+            net,
+            task.x_train,
+            task.y_train,
+            task.grouping.group_ids,
+            task.grouping.k,
+            per_example_loss,
+            params=params,
+            projector=proj,
+            backend=self.backend,
+            max_points=self.max_points,
+        ):
+            # detach: with last_layer the frozen body's parameters still require grad
+            yield groups, g.detach()
+
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""
         net = task.net.to(task.device).eval()
         k = task.grouping.k
         q = task.queries
         scores: torch.Tensor | None = None
+        proj: RandomProjector | None = None
         t_train = t_query = 0.0
         for ck in pick_checkpoints(task.checkpoints, self.checkpoints):
             net.load_state_dict(ck.state_dict)
             params = select_params(net, self.last_layer)
-            proj = (
-                RandomProjector(num_params(params), self.proj_dim, self.proj_seed, self.proj_type)
-                if self.proj_dim
-                else None
-            )
+            proj = proj or self._projector(params)  # one P for all checkpoints
             t0 = time.perf_counter()
             if scores is None:
                 scores = torch.zeros(
@@ -142,19 +161,8 @@ class TracIn(Attributor):
                     net, q, params, proj, backend=self.backend, max_points=self.max_points
                 ).detach()  # detach: with last_layer the frozen body still requires grad
                 t1 = time.perf_counter()
-                for groups, g in iter_group_gradients(
-                    net,
-                    task.x_train,
-                    task.y_train,
-                    task.grouping.group_ids,
-                    k,
-                    per_example_loss,
-                    params=params,
-                    projector=proj,
-                    backend=self.backend,
-                    max_points=self.max_points,
-                ):
-                    scores[groups.to(scores.device)] -= ck.lr * (g.detach() @ qg.T)
+                for groups, g in self._train_grads(task, net, params, proj):
+                    scores[groups.to(scores.device)] -= ck.lr * (g @ qg.T)
             t_query += t1 - t0
             t_train += time.perf_counter() - t1
         if scores is None:
@@ -173,32 +181,17 @@ class TracIn(Attributor):
         net = task.net.to(task.device).eval()
         k = task.grouping.k
         scores: torch.Tensor | None = None
+        proj: RandomProjector | None = None
         t0 = time.perf_counter()
         cks = pick_checkpoints(task.checkpoints, self.checkpoints)
         for ck in cks:
             net.load_state_dict(ck.state_dict)
             params = select_params(net, self.last_layer)
-            proj = (
-                RandomProjector(num_params(params), self.proj_dim, self.proj_seed, self.proj_type)
-                if self.proj_dim
-                else None
-            )
-            for groups, g in iter_group_gradients(
-                net,
-                task.x_train,
-                task.y_train,
-                task.grouping.group_ids,
-                k,
-                per_example_loss,
-                params=params,
-                projector=proj,
-                backend=self.backend,
-                max_points=self.max_points,
-            ):
+            proj = proj or self._projector(params)  # one P for all checkpoints
+            for groups, g in self._train_grads(task, net, params, proj):
                 if scores is None:
                     scores = g.new_zeros(k, 1)
                 # <grad(-L_G), -grad L_G> = ||grad L_G||^2
-                g = g.detach()
                 scores[groups.to(g.device), 0] += ck.lr * (g * g).sum(1)
         if scores is None:
             raise GGDAError("TracIn needs at least one checkpoint")
