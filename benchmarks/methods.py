@@ -6,7 +6,7 @@ Usage (from the repository root)::
     python benchmarks/methods.py --quick                            # seconds (synthetic data)
 
 For each method (tracin, influence, trak) and each k in {n (singleton), n/10, n/100}
-(K-means groups on inputs, the default grouping), the script runs the ordinary pipeline
+(Grad-K-Means groups, the default grouping), the script runs the ordinary pipeline
 (``ggda.pipeline.run`` on a Hydra-composed config: the cached base model, grouping,
 attribution, point-level LDS) and collects from its metrics the attribution time, the
 grouping time and the point-level LDS. The point-level LDS retrains depend only on the data,
@@ -49,7 +49,7 @@ def jobs(n: int) -> list[tuple[str, str, int, list[str]]]:
     ks = [n, max(2, n // 10), max(2, n // 100)]
     for method in METHODS:
         for k in ks:
-            grouping = ["grouping=singleton"] if k == n else ["grouping=kmeans", f"groups={k}"]
+            grouping = ["grouping=singleton"] if k == n else ["grouping=grad_kmeans", f"groups={k}"]
             out.append((method, "default", k, grouping))
         if method == "trak":
             for k in ks[1:]:
@@ -58,7 +58,7 @@ def jobs(n: int) -> list[tuple[str, str, int, list[str]]]:
                         method,
                         "kernel=points",
                         k,
-                        ["grouping=kmeans", f"groups={k}", "method.kernel=points"],
+                        ["grouping=grad_kmeans", f"groups={k}", "method.kernel=points"],
                     )
                 )
     return out
@@ -155,7 +155,7 @@ def main() -> None:
                 "method": method,
                 "variant": variant,
                 "k": k,
-                "grouping": "singleton" if k == n else "kmeans(inputs)",
+                "grouping": "singleton" if k == n else "grad_kmeans",
                 "attribution_s": m.get("time/attribution"),
                 "attribution_wall_min_s": wall,
                 "attribution_cpu_s": cpu,
@@ -202,7 +202,7 @@ def write_markdown(df: pd.DataFrame, path: Path, args: argparse.Namespace, base,
         "Method settings are the defaults of `conf/method/*.yaml`: TracIn over all 3 saved "
         "checkpoints, exact gradients; influence functions on the head (last layer, "
         "explicit damped Hessian); TRAK with a 512-d Rademacher projection of all "
-        "parameters, one model. Group rows use K-means on inputs (grouping time listed "
+        "parameters, one model. Group rows use Grad-K-Means (grouping time listed "
         "separately; it is not in the attribution time). `attribution_s` is the pipeline's "
         "own timing of the run; `attribution_wall_min_s` and `attribution_cpu_s` re-time "
         "the method alone (min of --repeats calls; CPU time of all this process's threads, "
