@@ -116,9 +116,10 @@ def standardize(
 ) -> list[torch.Tensor]:
     """Standardise every split with the training split's per-feature mean and std.
 
-    The std is floored at ``floor`` times the mean std of the varying features: a pixel that is (almost)
-    constant in the training split but not elsewhere would otherwise be divided by ~0 and
-    reach values of 1e5 on a few validation/test points, dominating their loss.
+    The std is floored at ``floor`` times the mean std of the varying features: a pixel
+    that is (almost) constant in the training split but not elsewhere would otherwise be
+    divided by ~0 and reach values of 1e5 on a few validation/test points, dominating
+    their loss.
     """
     mu = x_train.mean(0, keepdim=True)
     sd = x_train.std(0, keepdim=True)
