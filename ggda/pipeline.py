@@ -9,6 +9,7 @@ is resumed and training is skipped). Every run directory ends with ``config.json
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -188,8 +189,6 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
     config_path = run_dir / "config.json"
     if not metrics_path.exists():
         return None
-    import json
-
     try:
         prev_cfg = json.loads(config_path.read_text())["results_config"]
         prev_metrics = json.loads(metrics_path.read_text())
