@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ggda.data.base import DataBundle
-from ggda.data.loading import assemble, data_file_error, find_file, take
+from ggda.data.loading import assemble, data_file_error, find_file, split_with_fixed_test
 from ggda.errors import check_float, check_int
 
 MNIST_SOURCE = (
@@ -85,17 +85,14 @@ class ImageFiles:
 
     def load(self) -> DataBundle:
         x_pool, y_pool, x_test, y_test = self.read()
-        n = len(y_pool)
-        check_int("dataset.num_val", self.num_val, 1, n - 1)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        va = perm[: self.num_val].sort().values
-        tr = take(
-            perm[self.num_val :].sort().values,
+        tr, va, te = split_with_fixed_test(
+            len(y_pool),
+            len(y_test),
             self.num_train,
-            "dataset.num_train",
-            self.split_seed + 1,
+            self.num_val,
+            self.num_test,
+            self.split_seed,
         )
-        te = take(torch.arange(len(y_test)), self.num_test, "dataset.num_test", self.split_seed)
         check_int("dataset.num_queries", self.num_queries, 1, int(te.numel()))
         xs = {
             "train": x_pool[tr.numpy()],

@@ -102,6 +102,30 @@ def take(pool: torch.Tensor, count: int | None, key: str, seed: int) -> torch.Te
     return pool[perm[:count].sort().values]
 
 
+def split_with_fixed_test(
+    n_pool: int,
+    n_test: int,
+    num_train: int | None,
+    num_val: int,
+    num_test: int | None,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices for data sets that ship a fixed test split (MNIST, CIFAR-10, QNLI dev).
+
+    Validation is a seeded subset of the training pool, training a seeded subset of the
+    rest (``None`` = all of it), test a seeded subset of the shipped test split.
+
+    Returns:
+        (train, val) indices into the pool and test indices into the test split, sorted.
+    """
+    check_int("dataset.num_val", num_val, 1, n_pool - 1)
+    perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed))
+    va = perm[:num_val].sort().values
+    tr = take(perm[num_val:].sort().values, num_train, "dataset.num_train", seed + 1)
+    te = take(torch.arange(n_test), num_test, "dataset.num_test", seed)
+    return tr, va, te
+
+
 def split_pool(
     n: int, num_train: int | None, num_val: int, num_test: int | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

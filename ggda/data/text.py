@@ -33,9 +33,9 @@ from ggda.data.loading import (
     data_file_error,
     find_file,
     package_file,
-    take,
+    split_with_fixed_test,
 )
-from ggda.errors import GGDAError, check_float, check_int
+from ggda.errors import check_float, check_int
 
 PAD, UNK, SEP = 0, 1, 2
 SPECIALS = ("<pad>", "<unk>", "<sep>")
@@ -289,20 +289,14 @@ class QNLIFiles(TextData):
     def splits(self) -> tuple[dict, list[str]]:
         pairs, labels = self._read("train.tsv")
         dev_pairs, dev_labels = self._read("dev.tsv")
-        n = len(labels)
-        if self.num_val >= n:
-            raise GGDAError(
-                f"dataset.num_val={self.num_val} leaves no training pairs: train.tsv has {n}"
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        va = perm[: self.num_val].sort().values
-        tr = take(
-            perm[self.num_val :].sort().values,
+        tr, va, te = split_with_fixed_test(
+            len(labels),
+            len(dev_labels),
             self.num_train,
-            "dataset.num_train",
-            self.split_seed + 1,
+            self.num_val,
+            self.num_test,
+            self.split_seed,
         )
-        te = take(torch.arange(len(dev_labels)), self.num_test, "dataset.num_test", self.split_seed)
 
         def enc(ps: list[tuple[str, str]], ls: list[int], idx: torch.Tensor):
             return [[tokenize(ps[i][0]), tokenize(ps[i][1])] for i in idx.tolist()], [
