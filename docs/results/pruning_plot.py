@@ -18,8 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-COLORS = {"harmful": "C2", "helpful": "C3", "random": "C0"}
-NAMES = {"harmful": "harmful first", "helpful": "helpful first", "random": "random groups"}
+from ggda.evaluation.pruning import draw_curve
 
 
 def main(out: str, runs: list[str]) -> None:
@@ -33,18 +32,7 @@ def main(out: str, runs: list[str]) -> None:
     ymax = max(float((t.test_acc_mean + t.test_acc_std).max()) for t in tables) + 0.01
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.6), squeeze=False)
     for ax, t in zip(axes[0], tables, strict=True):
-        full = t[t.order == "none"].iloc[0]
-        ax.axhline(full.test_acc_mean, color="k", ls="--", lw=1, label="no removal")
-        for order, grp in t[t.order != "none"].groupby("order", sort=False):
-            ax.errorbar(
-                grp.fraction_removed,
-                grp.test_acc_mean,
-                yerr=grp.test_acc_std,
-                marker="o",
-                capsize=3,
-                color=COLORS.get(order),
-                label=NAMES.get(order, order),
-            )
+        draw_curve(ax, t)
         ax.set_title(t.attribution.iloc[0])
         ax.set_xlabel("fraction of training points removed")
         ax.set_ylim(ymin, ymax)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ggda.attribution.gradients import iter_group_gradients
 from ggda.attribution.properties import PropertyExamples
 from ggda.grouping.base import Grouping
+from ggda.models.functional import per_example_loss
 
 if TYPE_CHECKING:
     from ggda.data.base import DataBundle
@@ -63,6 +65,27 @@ class AttributionTask:
     retrain: RetrainService | None = None
     prop: Any = None
     bundle: DataBundle | None = None
+
+    def train_gradients(
+        self,
+        net: nn.Module,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_example_loss,
+        *,
+        group_ids: torch.Tensor | None = None,
+        k: int | None = None,
+        **kw: Any,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stream (groups (c,), grad of sum_{i in G} fn(z_i) (c, d)) over the training side.
+
+        The one train-side loop of every method: the task's grouping unless ``group_ids``
+        and ``k`` are given; ``kw`` goes to :func:`iter_group_gradients` (``params``,
+        ``projector``, ``backend``, ``max_points``). Gradients are detached (with
+        ``last_layer`` the frozen body's parameters still require grad).
+        """
+        ids = self.grouping.group_ids if group_ids is None else group_ids
+        kk = self.grouping.k if k is None else k
+        for groups, g in iter_group_gradients(net, self.x_train, self.y_train, ids, kk, fn, **kw):
+            yield groups, g.detach()
 
 
 @dataclass

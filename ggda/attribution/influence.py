@@ -23,7 +23,7 @@ import time
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
-from ggda.attribution.gradients import BACKENDS, iter_group_gradients, select_params
+from ggda.attribution.gradients import BACKENDS, select_params
 from ggda.attribution.hessian import SOLVERS, InverseHVP, TrainingHessian
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.errors import GGDAError, check_choice, check_float, check_int
@@ -108,16 +108,8 @@ class InfluenceFunction(Attributor):
         return net, params, ihvp
 
     def _groups(self, net, params, task: AttributionTask):
-        return iter_group_gradients(
-            net,
-            task.x_train,
-            task.y_train,
-            task.grouping.group_ids,
-            task.grouping.k,
-            per_example_loss,
-            params=params,
-            backend=self.backend,
-            max_points=self.max_points,
+        return task.train_gradients(
+            net, params=params, backend=self.backend, max_points=self.max_points
         )
 
     def attribute(self, task: AttributionTask) -> AttributionResult:

@@ -17,7 +17,6 @@ import torch
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
 from ggda.attribution.gradients import (
     BACKENDS,
-    iter_group_gradients,
     linear_layers,
     num_params,
     per_sample_inner_products,
@@ -103,21 +102,9 @@ class TracIn(Attributor):
         return RandomProjector(num_params(params), self.proj_dim, self.proj_seed, self.proj_type)
 
     def _train_grads(self, task: AttributionTask, net, params, proj):
-        """Stream (groups (c,), summed training-loss gradients (c, d)) of the grouping."""
-        for groups, g in iter_group_gradients(
-            net,
-            task.x_train,
-            task.y_train,
-            task.grouping.group_ids,
-            task.grouping.k,
-            per_example_loss,
-            params=params,
-            projector=proj,
-            backend=self.backend,
-            max_points=self.max_points,
-        ):
-            # detach: with last_layer the frozen body's parameters still require grad
-            yield groups, g.detach()
+        return task.train_gradients(
+            net, params=params, projector=proj, backend=self.backend, max_points=self.max_points
+        )
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
-from ggda.attribution.gradients import BACKENDS, iter_group_gradients, num_params, select_params
+from ggda.attribution.gradients import BACKENDS, num_params, select_params
 from ggda.attribution.projection import PROJ_TYPES, RandomProjector
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.attribution.tracin import pick_checkpoints
@@ -128,13 +128,11 @@ class TRAK(Attributor):
         return models
 
     def _iter(self, net: nn.Module, task: AttributionTask, group_ids, k, fn, params, proj):
-        return iter_group_gradients(
+        return task.train_gradients(
             net,
-            task.x_train,
-            task.y_train,
-            group_ids,
-            k,
             fn,
+            group_ids=group_ids,
+            k=k,
             params=params,
             projector=proj,
             backend=self.backend,

@@ -300,12 +300,14 @@ class Pruning(Evaluator):
         return m
 
 
-def curve_figure(table: pd.DataFrame, k: int, n: int):
-    """Test accuracy against the fraction of training points removed, one line per order."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+CURVE_COLORS = {"harmful": "C2", "helpful": "C3", "random": "C0"}
+CURVE_NAMES = {"harmful": "harmful first", "helpful": "helpful first", "random": "random groups"}
+
+
+def draw_curve(ax, table: pd.DataFrame) -> None:
+    """Accuracy vs fraction removed on ``ax``: the no-removal line and one line per order."""
     full = table[table.order == "none"].iloc[0]
     ax.axhline(full.test_acc_mean, color="k", ls="--", lw=1, label="no removal")
-    styles = {"harmful": "C2", "helpful": "C3", "random": "C0"}
     for order, grp in table[table.order != "none"].groupby("order", sort=False):
         ax.errorbar(
             grp.fraction_removed,
@@ -313,9 +315,15 @@ def curve_figure(table: pd.DataFrame, k: int, n: int):
             yerr=grp.test_acc_std,
             marker="o",
             capsize=3,
-            color=styles.get(order),
-            label=f"{order} first" if order != "random" else "random groups",
+            color=CURVE_COLORS.get(order),
+            label=CURVE_NAMES.get(order, order),
         )
+
+
+def curve_figure(table: pd.DataFrame, k: int, n: int):
+    """Test accuracy against the fraction of training points removed, one line per order."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    draw_curve(ax, table)
     ax.set_xlabel("fraction of training points removed")
     ax.set_ylabel("test accuracy (retrained)")
     ax.set_title(f"pruning by attribution to validation loss (k={k}, n={n})")
