@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ggda.attribution.base import AttributionTask, Checkpoint
-from ggda.attribution.gradients import iter_group_gradients, per_sample_inner_products
+from ggda.gradients import iter_group_gradients, per_sample_inner_products
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.properties import PropertyExamples
 from ggda.attribution.tracin import TracIn
@@ -448,7 +448,7 @@ def write(rows: list[dict], meta: dict, out: Path, args: argparse.Namespace) -> 
         "",
         "## Notes",
         "",
-        "- `factored` is the design §3 fast path of `ggda.attribution.gradients` (one batched",
+        "- `factored` is the design §3 fast path of `ggda.gradients` (one batched",
         "  forward/backward per chunk, per-layer segment sums g^T a written in place); `vmap`",
         "  is `vmap(grad)` over padded groups. Both give the same numbers (tests).",
         "- The factorised TracIn rows use `per_sample_inner_products`: per Linear layer",

@@ -38,7 +38,7 @@ from attribution import (
 )
 
 from ggda.attribution.base import AttributionTask
-from ggda.attribution.gradients import per_sample_inner_products
+from ggda.gradients import per_sample_inner_products
 from ggda.attribution.tracin import TracIn
 from ggda.models.functional import neg_loss, per_example_loss
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ggda.attribution.gradients import iter_group_gradients
+from ggda.gradients import iter_group_gradients
 from ggda.attribution.properties import PropertyExamples
 from ggda.grouping.base import Grouping
 from ggda.models.functional import per_example_loss
@@ -118,7 +118,7 @@ class Attributor:
     """A data-attribution method in group form.
 
     Subclasses implement :meth:`attribute`; they differ only in preconditioning and in
-    which checkpoints they use, and share :mod:`ggda.attribution.gradients`.
+    which checkpoints they use, and share :mod:`ggda.gradients`.
     """
 
     name = "base"

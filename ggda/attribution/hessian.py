@@ -40,7 +40,7 @@ class TrainingHessian:
     Args:
         model: the net (eval mode); parameters not in ``params`` stay fixed.
         params: the parameters to differentiate (name -> tensor), e.g. from
-            :func:`ggda.attribution.gradients.select_params`.
+            :func:`ggda.gradients.select_params`.
         x: (n, *input_shape) training inputs.
         y: (n,) labels.
         loss_fn: per-example loss ``(logits (B, C), y (B,)) -> (B,)``.

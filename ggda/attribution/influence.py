@@ -23,7 +23,7 @@ import time
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
-from ggda.attribution.gradients import BACKENDS, select_params
+from ggda.gradients import BACKENDS, select_params
 from ggda.attribution.hessian import SOLVERS, InverseHVP, TrainingHessian
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.errors import GGDAError, check_choice, check_float, check_int

@@ -36,6 +36,7 @@ from torch.func import functional_call, jacrev
 
 from ggda.data.base import DataBundle
 from ggda.errors import ConfigError, GGDAError, check_choice
+from ggda.gradients import group_gradients
 from ggda.models.functional import MEASUREMENTS, measurement_fn
 
 RowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -317,11 +318,9 @@ def query_gradients(
         q: the property's examples.
         params: parameters to differentiate (``select_params``).
         projector: optional (r, p) -> (r, d) map.
-        **kw: forwarded to :func:`ggda.attribution.gradients.group_gradients`
+        **kw: forwarded to :func:`ggda.gradients.group_gradients`
             (``backend``, ``max_points``).
     """
-    from ggda.attribution.gradients import group_gradients  # local: avoids an import cycle
-
     if q.fn is None:
         f = measurement_fn(q.measurement)
         g = group_gradients(

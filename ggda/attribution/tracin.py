@@ -15,14 +15,14 @@ import time
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
-from ggda.attribution.gradients import (
+from ggda.gradients import (
     BACKENDS,
     linear_layers,
     num_params,
     per_sample_inner_products,
     select_params,
 )
-from ggda.attribution.projection import PROJ_TYPES, RandomProjector
+from ggda.gradients.projection import PROJ_TYPES, RandomProjector
 from ggda.attribution.properties import query_gradients
 from ggda.errors import ConfigError, GGDAError, check_choice, check_int
 from ggda.models.functional import measurement_fn, per_example_loss

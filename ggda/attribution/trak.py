@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
-from ggda.attribution.gradients import BACKENDS, num_params, select_params
-from ggda.attribution.projection import PROJ_TYPES, RandomProjector
+from ggda.gradients import BACKENDS, num_params, select_params
+from ggda.gradients.projection import PROJ_TYPES, RandomProjector
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.attribution.tracin import pick_checkpoints
 from ggda.errors import GGDAError, check_choice, check_float, check_int

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ggda.attribution.projection import RandomProjector
+from ggda.gradients.projection import RandomProjector
 from ggda.errors import GGDAError, check_choice
 
 FEATURES = ("inputs", "representations", "gradients")

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from factory import tiny_data, tiny_net
-from ggda.attribution.gradients import (
+from ggda.gradients import (
     group_gradients,
     linear_layers,
     per_sample_gradients,
     per_sample_inner_products,
     select_params,
 )
-from ggda.attribution.projection import RandomProjector
+from ggda.gradients.projection import RandomProjector
 from ggda.models.functional import margin, neg_loss, per_example_loss
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from factory import tiny_data, tiny_net
-from ggda.attribution.gradients import group_gradients, per_sample_gradients, select_params
-from ggda.attribution.projection import RandomProjector
+from ggda.gradients import group_gradients, per_sample_gradients, select_params
+from ggda.gradients.projection import RandomProjector
 from ggda.grouping.base import Grouping
 from ggda.models.functional import margin, per_example_loss
 

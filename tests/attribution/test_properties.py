@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from factory import ROOT, tiny_bundle, tiny_net
 from ggda.attribution.base import AttributionTask
-from ggda.attribution.gradients import select_params
+from ggda.gradients import select_params
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.properties import (
     FunctionProperty,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from factory import perturbed_checkpoints, tiny_data, tiny_task
-from ggda.attribution.gradients import num_params, select_params
-from ggda.attribution.projection import RandomProjector
+from ggda.gradients import num_params, select_params
+from ggda.gradients.projection import RandomProjector
 from ggda.attribution.trak import TRAK
 from ggda.errors import ConfigError
 from ggda.grouping import RandomGrouper

@@ -5,7 +5,7 @@ and the bag-of-embeddings invariances."""
 import pytest
 import torch
 
-from ggda.attribution.gradients import group_gradients, per_sample_gradients
+from ggda.gradients import group_gradients, per_sample_gradients
 from ggda.errors import GGDAError
 from ggda.models.functional import per_example_loss
 from ggda.models.nets import CNN, MLP, LogisticRegression, ResNet9, TextClassifier
