@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ggda.gradients import iter_group_gradients
 from ggda.attribution.properties import PropertyExamples
+from ggda.gradients import iter_group_gradients
 from ggda.grouping.base import Grouping
 from ggda.models.functional import per_example_loss
 

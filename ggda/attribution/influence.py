@@ -23,10 +23,10 @@ import time
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
-from ggda.gradients import BACKENDS, select_params
 from ggda.attribution.hessian import SOLVERS, InverseHVP, TrainingHessian
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.errors import GGDAError, check_choice, check_float, check_int
+from ggda.gradients import BACKENDS, fallback_params, select_params
 from ggda.models.functional import per_example_loss
 
 
@@ -139,7 +139,12 @@ class InfluenceFunction(Attributor):
                 "inverse_hvp": t2 - t1,
                 "group_gradients": t3 - t2,
             },
-            info={"num_params": ihvp.h.p, "num_hvps": ihvp.h.num_hvps, **ihvp.info},
+            info={
+                "num_params": ihvp.h.p,
+                "num_hvps": ihvp.h.num_hvps,
+                "fallback_params": fallback_params(net, params),
+                **ihvp.info,
+            },
         )
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
@@ -168,5 +173,9 @@ class InfluenceFunction(Attributor):
         return AttributionResult(
             scores=scores,
             timings={"self_attribution": time.perf_counter() - t0},
-            info={"num_params": ihvp.h.p, **ihvp.info},
+            info={
+                "num_params": ihvp.h.p,
+                "fallback_params": fallback_params(net, params),
+                **ihvp.info,
+            },
         )

@@ -86,7 +86,11 @@ class GroupLOO(Attributor):
         return AttributionResult(
             scores=scores,
             timings={"retrain": time.perf_counter() - t0},
-            info={"retrains": int(masks.shape[0] * self.repeats), "retrains_run": int(run)},
+            info={
+                "retrains": int(masks.shape[0] * self.repeats),
+                "retrains_run": int(run),
+                "fallback_params": 0,  # no gradients: retraining only
+            },
         )
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
@@ -124,7 +128,7 @@ class GroupLOO(Attributor):
         return AttributionResult(
             scores=scores,
             timings={"self_attribution": time.perf_counter() - t0},
-            info={"retrains": int(masks.shape[0] * self.repeats)},
+            info={"retrains": int(masks.shape[0] * self.repeats), "fallback_params": 0},
         )
 
 

@@ -67,6 +67,35 @@ class PropertyExamples:
     measurement: str = "loss"
     fn: RowFn | None = None
 
+    def rows(self, start: int, stop: int) -> PropertyExamples:
+        """The property restricted to rows [start, stop) (query batches for large m)."""
+        if (start, stop) == (0, self.m):
+            return self
+        if self.fn is not None:
+            fn = self.fn
+
+            def sub(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return fn(logits, y).reshape(-1)[start:stop]
+
+            return PropertyExamples(
+                self.x,
+                self.y,
+                self.row_ids,
+                stop - start,
+                self.weight[start:stop],
+                self.measurement,
+                sub,
+            )
+        keep = (self.row_ids >= start) & (self.row_ids < stop)
+        return PropertyExamples(
+            self.x[keep],
+            self.y[keep],
+            self.row_ids[keep] - start,
+            stop - start,
+            self.weight[start:stop],
+            self.measurement,
+        )
+
     def values(self, logits: torch.Tensor) -> torch.Tensor:
         """Row values from logits (N, C) on these examples: (m,)."""
         if self.fn is not None:

@@ -15,16 +15,18 @@ import time
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
+from ggda.attribution.properties import query_gradients
+from ggda.errors import ConfigError, GGDAError, check_choice, check_int
 from ggda.gradients import (
     BACKENDS,
-    linear_layers,
+    PROJ_STRUCTURES,
+    PROJ_TYPES,
+    fallback_params,
+    make_projector,
     num_params,
     per_sample_inner_products,
     select_params,
 )
-from ggda.gradients.projection import PROJ_TYPES, RandomProjector
-from ggda.attribution.properties import query_gradients
-from ggda.errors import ConfigError, GGDAError, check_choice, check_int
 from ggda.models.functional import measurement_fn, per_example_loss
 
 
@@ -54,12 +56,16 @@ class TracIn(Attributor):
         proj_dim: random projection size (None: exact inner products).
         proj_type: ``rademacher`` | ``gaussian``.
         proj_seed: projection seed.
+        proj_structure: ``dense`` (one (p, d) matrix, the reference) | ``kronecker``
+            (per-layer P_out^T G P_in formed from the layer factors; no (p, d) matrix).
         last_layer: differentiate only the head's parameters.
         backend: ``factored`` (default: per-layer factorised inner products when there is
-            no projection, else segment-summed Linear gradients; falls back to ``vmap``
-            where a layer is not Linear), ``vmap`` (batched autograd) or ``loop``
+            no projection, else segment-summed layer gradients; ``vmap`` only for
+            parameters no layer rule covers), ``vmap`` (batched autograd) or ``loop``
             (one backward per group, the reference).
         max_points: padded points per batched chunk.
+        query_batch: property rows whose unprojected gradients (rows x p) are held at
+            once on the materialised path; more rows take more passes over the data.
     """
 
     name = "tracin"
@@ -73,6 +79,8 @@ class TracIn(Attributor):
         last_layer: bool = False,
         backend: str = "factored",
         max_points: int = 2048,
+        proj_structure: str = "dense",
+        query_batch: int = 1024,
     ) -> None:
         if isinstance(checkpoints, str):
             check_choice("method.checkpoints", checkpoints, ("all", "last"))
@@ -85,21 +93,27 @@ class TracIn(Attributor):
         self.last_layer = bool(last_layer)
         self.backend = check_choice("method.backend", backend, BACKENDS)
         self.max_points = check_int("method.max_points", max_points, 1)
+        self.proj_structure = check_choice("method.proj_structure", proj_structure, PROJ_STRUCTURES)
+        self.query_batch = check_int("method.query_batch", query_batch, 1)
 
     def _ghost(self, net, params, q) -> bool:
-        """Use factorised inner products: backend ``factored``, no projection, a measurement
-        property, and every differentiated parameter in a Linear layer."""
-        return (
-            self.backend == "factored"
-            and self.proj_dim is None
-            and q.fn is None
-            and linear_layers(net, params) is not None
-        )
+        """Use factorised inner products: backend ``factored``, no projection and a
+        measurement property (parameters without a layer rule go through vmap there)."""
+        return self.backend == "factored" and self.proj_dim is None and q.fn is None
 
-    def _projector(self, params: dict[str, torch.Tensor]) -> RandomProjector | None:
+    def _projector(self, net, params: dict[str, torch.Tensor]):
         if not self.proj_dim:
             return None
-        return RandomProjector(num_params(params), self.proj_dim, self.proj_seed, self.proj_type)
+        return make_projector(
+            self.proj_structure, net, params, self.proj_dim, self.proj_seed, self.proj_type
+        )
+
+    def _row_batches(self, q, p: int) -> list[tuple[int, int]]:
+        """Property-row ranges whose unprojected (rows, p) gradients are held at once."""
+        if self.proj_dim or q.m * p <= 64_000_000:
+            return [(0, q.m)]
+        step = max(1, min(self.query_batch, 64_000_000 // max(p, 1)))
+        return [(s, min(q.m, s + step)) for s in range(0, q.m, step)]
 
     def _train_grads(self, task: AttributionTask, net, params, proj):
         return task.train_gradients(
@@ -112,12 +126,12 @@ class TracIn(Attributor):
         k = task.grouping.k
         q = task.queries
         scores: torch.Tensor | None = None
-        proj: RandomProjector | None = None
+        proj = None
         t_train = t_query = 0.0
         for ck in pick_checkpoints(task.checkpoints, self.checkpoints):
             net.load_state_dict(ck.state_dict)
             params = select_params(net, self.last_layer)
-            proj = proj or self._projector(params)  # one P for all checkpoints
+            proj = proj or self._projector(net, params)  # one P for all checkpoints
             t0 = time.perf_counter()
             if scores is None:
                 scores = torch.zeros(
@@ -143,13 +157,23 @@ class TracIn(Attributor):
                 scores -= ck.lr * (ip @ (rows * q.weight.to(ip)[None, :]))
                 t1 = t0
             else:
-                # grad of each property row (measurement sums/means or a user function)
-                qg = query_gradients(
-                    net, q, params, proj, backend=self.backend, max_points=self.max_points
-                ).detach()  # detach: with last_layer the frozen body still requires grad
-                t1 = time.perf_counter()
-                for groups, g in self._train_grads(task, net, params, proj):
-                    scores[groups.to(scores.device)] -= ck.lr * (g @ qg.T)
+                # grad of each property row (measurement sums/means or a user function),
+                # in row batches when m x p would be large (one data pass per batch)
+                spent = 0.0  # query-side time, the rest is the training pass
+                for r0, r1 in self._row_batches(q, num_params(params)):
+                    tq = time.perf_counter()
+                    qg = query_gradients(
+                        net,
+                        q.rows(r0, r1),
+                        params,
+                        proj,
+                        backend=self.backend,
+                        max_points=self.max_points,
+                    ).detach()  # detach: with last_layer the frozen body still requires grad
+                    spent += time.perf_counter() - tq
+                    for groups, g in self._train_grads(task, net, params, proj):
+                        scores[groups.to(scores.device), r0:r1] -= ck.lr * (g @ qg.T)
+                t1 = t0 + spent
             t_query += t1 - t0
             t_train += time.perf_counter() - t1
         if scores is None:
@@ -157,7 +181,11 @@ class TracIn(Attributor):
         return AttributionResult(
             scores=scores,
             timings={"query_gradients": t_query, "group_gradients": t_train},
-            info={"num_checkpoints": len(pick_checkpoints(task.checkpoints, self.checkpoints))},
+            info={
+                "num_checkpoints": len(pick_checkpoints(task.checkpoints, self.checkpoints)),
+                "fallback_params": fallback_params(net, params),
+                **({"proj_dim_used": proj.d} if proj is not None else {}),
+            },
         )
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
@@ -168,13 +196,13 @@ class TracIn(Attributor):
         net = task.net.to(task.device).eval()
         k = task.grouping.k
         scores: torch.Tensor | None = None
-        proj: RandomProjector | None = None
+        proj = None
         t0 = time.perf_counter()
         cks = pick_checkpoints(task.checkpoints, self.checkpoints)
         for ck in cks:
             net.load_state_dict(ck.state_dict)
             params = select_params(net, self.last_layer)
-            proj = proj or self._projector(params)  # one P for all checkpoints
+            proj = proj or self._projector(net, params)  # one P for all checkpoints
             for groups, g in self._train_grads(task, net, params, proj):
                 if scores is None:
                     scores = g.new_zeros(k, 1)
@@ -185,5 +213,5 @@ class TracIn(Attributor):
         return AttributionResult(
             scores=scores,
             timings={"self_attribution": time.perf_counter() - t0},
-            info={"num_checkpoints": len(cks)},
+            info={"num_checkpoints": len(cks), "fallback_params": fallback_params(net, params)},
         )

@@ -33,11 +33,17 @@ import torch
 from torch import nn
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
-from ggda.gradients import BACKENDS, num_params, select_params
-from ggda.gradients.projection import PROJ_TYPES, RandomProjector
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.attribution.tracin import pick_checkpoints
 from ggda.errors import GGDAError, check_choice, check_float, check_int
+from ggda.gradients import (
+    BACKENDS,
+    PROJ_STRUCTURES,
+    PROJ_TYPES,
+    fallback_params,
+    make_projector,
+    select_params,
+)
 from ggda.models.functional import margin, per_example_loss
 
 log = logging.getLogger(__name__)
@@ -77,8 +83,12 @@ class TRAK(Attributor):
             with seeds seed+1..; outside the pipeline only the base model is available).
         checkpoints: ``last`` | ``all`` | list of saved epochs, per model.
         last_layer: differentiate the head's parameters only.
-        backend: ``vmap`` | ``factored`` | ``loop`` (see gradients.py).
+        backend: ``factored`` | ``vmap`` | ``loop`` (see :mod:`ggda.gradients.group`).
         max_points: padded points per batched gradient chunk.
+        proj_structure: ``dense`` (one seeded (p, d) matrix, generated once per model and
+            held when it fits the projector's cache, the reference) | ``kronecker``
+            (per-layer two-sided projections of the layer factors; the feature size is
+            at most proj_dim, recorded as ``proj_dim_used``).
     """
 
     name = "trak"
@@ -93,8 +103,9 @@ class TRAK(Attributor):
         ensemble_size: int = 1,
         checkpoints: str | list[int] = "last",
         last_layer: bool = False,
-        backend: str = "vmap",
+        backend: str = "factored",
         max_points: int = 2048,
+        proj_structure: str = "dense",
     ) -> None:
         self.proj_dim = check_int("method.proj_dim", proj_dim, 1)
         self.proj_type = check_choice("method.proj_type", proj_type, PROJ_TYPES)
@@ -110,6 +121,7 @@ class TRAK(Attributor):
         self.last_layer = bool(last_layer)
         self.backend = check_choice("method.backend", backend, BACKENDS)
         self.max_points = check_int("method.max_points", max_points, 1)
+        self.proj_structure = check_choice("method.proj_structure", proj_structure, PROJ_STRUCTURES)
 
     # -- models ---------------------------------------------------------------------------
     def models(self, task: AttributionTask) -> list[list[Checkpoint]]:
@@ -140,12 +152,12 @@ class TRAK(Attributor):
         )
 
     def features(
-        self, net: nn.Module, task: AttributionTask, params: dict, proj: RandomProjector
+        self, net: nn.Module, task: AttributionTask, params: dict, proj
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel K (d, d) and group numerators num (k, d) for one checkpoint."""
         k = task.grouping.k
         gid = task.grouping.group_ids
-        d = self.proj_dim
+        d = proj.d
         dtype = next(iter(params.values())).dtype
         device = next(iter(params.values())).device
         kern = torch.zeros(d, d, dtype=dtype, device=device)
@@ -187,8 +199,13 @@ class TRAK(Attributor):
                 net.load_state_dict(ck.state_dict)
                 params = select_params(net, self.last_layer)
                 if proj is None:
-                    proj = RandomProjector(
-                        num_params(params), self.proj_dim, self.proj_seed + e, self.proj_type
+                    proj = make_projector(
+                        self.proj_structure,
+                        net,
+                        params,
+                        self.proj_dim,
+                        self.proj_seed + e,
+                        self.proj_type,
                     )
                 t0 = time.perf_counter()
                 kern, num = self.features(net, task, params, proj)
@@ -226,7 +243,12 @@ class TRAK(Attributor):
         return AttributionResult(
             scores=scores,
             timings=timings,
-            info={"ensemble_models": len(models), "num_checkpoints": count},
+            info={
+                "ensemble_models": len(models),
+                "num_checkpoints": count,
+                "fallback_params": fallback_params(net, params),
+                "proj_dim_used": proj.d,
+            },
         )
 
     def attribute(self, task: AttributionTask) -> AttributionResult:

@@ -7,20 +7,20 @@ optionally randomly projected. Three paths compute the same thing:
   similar size, and ``torch.func.vmap(grad)`` runs one batched forward/backward per chunk.
   With singleton groups this *is* the chunked per-sample path.
 - ``loop``: one plain autograd backward per group; the simple reference the tests use.
-- ``factored``: design §3's fast path for parameters that all belong to ``nn.Linear``
-  layers (any MLP; the head of any net with ``last_layer``). One ordinary batched
-  forward/backward over a chunk of group-aligned points captures each layer's inputs
-  a_i and output gradients g_i; a group's weight gradient is the segment sum
-  sum_{i in G} g_i a_i^T, one ``bmm`` over the chunk's groups (bias: sum_{i in G} g_i).
-  Its flops are one forward/backward plus n x p for the segment sums, whatever k is, and
-  it carries no ``vmap`` overhead; the chunk's (c, p) result is written in place. Falls
-  back to ``vmap`` for other parameters. Like ``loop`` it differentiates the model's live
-  weights (``params`` selects which), so ``params`` must be the model's own (as
-  :func:`select_params` returns them).
+- ``factored``: the fast path. One ordinary batched forward/backward over a chunk of
+  group-aligned points captures each layer's factors (:mod:`ggda.gradients.layers`:
+  Linear over any positions, Conv2d, Embedding/EmbeddingBag, BatchNorm, LayerNorm); a
+  group's weight gradient is the segment sum sum_{i in G, t} g_it a_it^T, one ``bmm`` over
+  the chunk's groups (embedding: an ``index_add`` by token id; norm and bias: sums). Its
+  flops are one forward/backward plus n x p for the segment sums, whatever k is, with no
+  ``vmap`` overhead; the chunk's (c, p) result is written in place (with a Kronecker
+  projector the factors are projected first and (c, p) never exists). Parameters no rule
+  covers go through ``vmap`` (one warning per net; :func:`fallback_params` counts them).
+  Like ``loop`` it differentiates the model's live weights, so ``params`` must be the
+  model's own (as :func:`select_params` returns them).
 
-:func:`per_sample_inner_products` goes one step further for inner products with query
-gradients (TracIn): per Linear layer <g_i a_i^T, g_q a_q^T> = (g_i . g_q)(a_i . a_q), so
-neither per-sample nor group gradients are formed and the cost does not depend on k.
+:func:`ggda.gradients.inner.per_sample_inner_products` goes one step further for inner
+products with query gradients (TracIn without projection).
 
 Results stream chunk by chunk (:func:`iter_group_gradients`) so that callers can reduce
 each chunk (dot products with query gradients) without ever holding k x p, in particular
@@ -29,6 +29,8 @@ n x p for the per-sample baseline.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -36,8 +38,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ggda.errors import check_choice
+from ggda.gradients.layers import Fn, capture_factors, group_layer_gradients, split_params
+from ggda.gradients.projection import KroneckerProjector
 
-Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
+
 BACKENDS = ("vmap", "loop", "factored")
 # The factored path's chunk output (c x p entries) is written fresh each chunk; a few MB
 # stays in the allocator's and the caches' reach, while 100+ MB chunks pay page faults
@@ -92,190 +97,187 @@ def linear_layers(
     return out if covered == set(params) else None
 
 
-def _layer_factors(
-    model: nn.Module,
-    layers: list[tuple[nn.Linear, str | None, str | None]],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    fn: Fn,
-    dtype: torch.dtype,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, inputs a (N, T, in) and output gradients g (N, T, out) of sum_i fn(z_i).
+# -- fallback bookkeeping ---------------------------------------------------------------
 
-    One ordinary batched forward/backward. T counts the positions a row passes through the
-    layer (1 for plain rows; tokens, or two uses of a shared layer, give more). Point i's
-    gradient of that layer's weight is sum_t g_it a_it^T and of its bias sum_t g_it,
-    because points do not interact in eval mode. No ``.grad`` is written on the model.
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fallback_params(model: nn.Module, params: dict[str, torch.Tensor]) -> int:
+    """How many of the selected parameter entries no layer rule covers (vmap fallback).
+
+    0 for every net in :mod:`ggda.models.nets`; recorded as ``attribution/fallback_params``.
     """
-    n = y.shape[0]
-    acts: list[list[torch.Tensor]] = [[] for _ in layers]
-    outs: list[list[torch.Tensor]] = [[] for _ in layers]
+    return sum(params[nm].numel() for nm in split_params(model, params))
 
-    def keeper(i: int):
-        def keep(mod, inp, out):
-            acts[i].append(inp[0].detach())
-            outs[i].append(out)
 
-        return keep
-
-    handles = [mod.register_forward_hook(keeper(i)) for i, (mod, _, _) in enumerate(layers)]
+def warn_fallback(model: nn.Module, names: list[str]) -> None:
+    """Log one warning per net naming the layer types without a rule and their sizes."""
+    if not names:
+        return
+    owner = {}
+    for mname, mod in model.named_modules():
+        for pn, p in mod.named_parameters(recurse=False):
+            owner[f"{mname}.{pn}" if mname else pn] = (type(mod).__name__, p.numel())
+    per_type: dict[str, int] = {}
+    for nm in names:
+        t, c = owner.get(nm, ("?", 0))
+        per_type[t] = per_type.get(t, 0) + c
+    key = tuple(sorted(per_type.items()))
     try:
-        with torch.enable_grad():
-            total = fn(model(x), y).sum()
-            flat_outs = [o for os_ in outs for o in os_]
-            gflat = list(torch.autograd.grad(total, flat_outs, allow_unused=True))
+        done = _WARNED.setdefault(model, set())
+    except TypeError:  # not weak-referenceable: warn every time
+        done = set()
+    if key in done:
+        return
+    done.add(key)
+    what = ", ".join(f"{t} ({c} parameters)" for t, c in per_type.items())
+    log.warning(
+        "backend=factored has no layer rule for %s: those parameters are differentiated by "
+        "the vmap fallback (slower, more memory)",
+        what,
+    )
+
+
+# -- memory bounds ---------------------------------------------------------------------------
+# Elements of captured factors / vmap activations held per batched pass. The vmap path keeps
+# every intermediate activation for its backward (about 3x their count in memory), so
+# 32M entries is some 0.4 GB in float32 whatever max_points says.
+FACTOR_ELEMS = 32_000_000
+VMAP_ACT_ELEMS = 32_000_000
+
+
+@torch.no_grad()
+def activation_elems(model: nn.Module, x1: torch.Tensor) -> int:
+    """Entries of all leaf-module outputs for one input x1 (1, ...): the vmap footprint."""
+    total = [0]
+
+    def count(mod, inp, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+
+    hs = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        model(x1)
     finally:
-        for h in handles:
+        for h in hs:
             h.remove()
-    res = []
-    for i, (mod, _, _) in enumerate(layers):
-        a_parts, g_parts = [], []
-        for a_, o_ in zip(acts[i], outs[i], strict=True):
-            g_ = gflat.pop(0)
-            a_parts.append(a_.reshape(n, -1, mod.in_features))
-            g_parts.append(
-                (torch.zeros_like(o_) if g_ is None else g_).reshape(n, -1, mod.out_features)
-            )
-        if not a_parts:  # the layer took no part in the forward pass: zero gradient
-            a_parts = [torch.zeros(n, 1, mod.in_features, dtype=dtype, device=x.device)]
-            g_parts = [torch.zeros(n, 1, mod.out_features, dtype=dtype, device=x.device)]
-        res.append((torch.cat(a_parts, 1), torch.cat(g_parts, 1)))
-    return res
+    return max(total[0], 1)
+
+
+def factor_elems(
+    model: nn.Module, params: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor, fn: Fn
+) -> int:
+    """Entries of the captured factors (a and g) for one point."""
+    fs, _ = capture_factors(model, params, x1, y1, fn)
+    return max(1, sum(f.a.numel() + f.g.numel() for f in fs))
+
+
+def _vmap_group_fn(model: nn.Module, fn: Fn):
+    buffers = {k_: v.detach() for k_, v in model.named_buffers()}
+
+    def group_sum(prm, xg, yg, mg):
+        logits = functional_call(model, (prm, buffers), (xg,))
+        return (fn(logits, yg) * mg).sum()
+
+    return vmap(grad(group_sum), in_dims=(None, 0, 0, 0))
+
+
+def _vmap_chunk(per_group, params, x, y, members: torch.Tensor, budget: int) -> torch.Tensor:
+    """(c, p) summed gradients of the c groups in members (c, s) by vmap.
+
+    A chunk of one group larger than ``budget`` points is split into pieces of at most
+    ``budget`` points whose gradients are added, so memory stays bounded by the budget.
+    """
+    p0 = next(iter(params.values()))
+    device = p0.device
+    c, s = members.shape
+    pieces = [members] if c > 1 or s <= budget else members.split(budget, dim=1)
+    total = None
+    for mem in pieces:
+        valid = mem >= 0
+        safe = mem.clamp_min(0)
+        xg = x[safe].to(device)
+        yg = y[safe].to(device)
+        mg = valid.to(device=device, dtype=p0.dtype)
+        flat = _flat(per_group(params, xg, yg, mg), c)
+        total = flat if total is None else total + flat
+    return total
 
 
 def _factored_chunk(
     model: nn.Module,
-    layers: list[tuple[nn.Linear, str | None, str | None]],
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     members: torch.Tensor,
     fn: Fn,
+    budget: int,
+    vmap_budget: int,
+    projector=None,
 ) -> torch.Tensor:
-    """Summed gradients (c, p) of the c groups in ``members`` (c, s), -1 = padding.
+    """Summed gradients (c, p) [or Kronecker-projected (c, d)] of the groups in members.
 
-    One batched forward/backward over the chunk's real points (:func:`_layer_factors`);
-    per layer the factors are laid out per group, zero-padded, and
-    grad_W[j] = sum_{i in G_j, t} g_it a_it^T is one bmm over the chunk's groups.
+    The chunk's real points go through batched capture passes of at most ``budget``
+    points (:func:`capture_factors`); each layer's group gradients are segment sums of its
+    factors (:func:`group_layer_gradients`), written in place into one (c, p) buffer. With
+    a :class:`KroneckerProjector` the factors are projected first and the buffer is (c, d).
+    Parameters no rule covers come from the vmap path over the same groups.
     """
     c, s = members.shape
     valid = members >= 0
     idx = members[valid]
     p0 = next(iter(params.values()))
-    factors = _layer_factors(
-        model, layers, x[idx].to(p0.device), y[idx].to(p0.device), fn, p0.dtype
-    )
-    # The result is written in place into one (c, p) buffer (no per-parameter pieces and
-    # concatenation: at small group sizes the cost is writing k x p, not the flops).
-    offsets, off = {}, 0
-    for nm, v in params.items():
-        offsets[nm] = off
-        off += v.numel()
-    out = torch.empty(c, off, dtype=p0.dtype, device=p0.device)
-    # equal-size groups (no padding): the rows are already group-major, reshape for free
-    dense = bool(valid.all())
-    for (mod, wname, bname), (a, g) in zip(layers, factors, strict=True):
-        t = a.shape[1]
-        if dense:
-            a_pad = a.reshape(c, s * t, mod.in_features)
-            g_pad = g.reshape(c, s * t, mod.out_features)
-        else:
-            a_pad = a.new_zeros(c, s, t, mod.in_features)
-            a_pad[valid] = a
-            a_pad = a_pad.reshape(c, s * t, -1)
-            g_pad = g.new_zeros(c, s, t, mod.out_features)
-            g_pad[valid] = g
-            g_pad = g_pad.reshape(c, s * t, -1)
-        if wname is not None:
-            o = offsets[wname]
-            view = out[:, o : o + mod.out_features * mod.in_features]
-            torch.bmm(
-                g_pad.transpose(1, 2), a_pad, out=view.view(c, mod.out_features, mod.in_features)
-            )
-        if bname is not None:
-            o = offsets[bname]
-            out[:, o : o + mod.out_features] = g_pad.sum(1)
-    return out
-
-
-def per_sample_inner_products(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    fn: Fn,
-    qx: torch.Tensor,
-    qy: torch.Tensor,
-    qfn: Fn,
-    *,
-    params: dict[str, torch.Tensor] | None = None,
-    chunk: int = 1024,
-    group_ids: torch.Tensor | None = None,
-    k: int | None = None,
-) -> torch.Tensor:
-    """All inner products <grad fn(z_i), grad qfn(q_r)>: (n, m), no per-sample gradient held.
-
-    For a Linear layer with weight gradients g a^T (T = 1) the inner product factorises,
-
-        <g_i a_i^T, g_r a_r^T> = (g_i . g_r) (a_i . a_r),   bias: g_i . g_r,
-
-    so the cost per layer is n m (in + out) instead of n m in out, and nothing n x p or
-    chunk x p exists (the "ghost" inner product). With T > 1 positions the sum runs over
-    position pairs. Parameters outside Linear layers fall back to materialised per-sample
-    gradients (the vmap path), chunk by chunk.
-
-    Args:
-        x, y: (n, ...) and (n,) training side; fn its per-example function (B, C),(B,) -> (B,).
-        qx, qy: (m, ...) and (m,) query side; qfn its per-example function.
-        params: parameters differentiated (default: all trainable).
-        chunk: training points per batched pass.
-        group_ids, k: optional (n,) grouping into k groups; then the rows are summed per
-            group, giving <grad sum_{i in G_j} fn(z_i), grad qfn(q_r)> (k, m) at the same
-            cost whatever k is (nothing k x p is formed either).
-
-    Returns:
-        (n, m), or (k, m) with a grouping, on the params' device.
-    """
-    if params is None:
-        params = select_params(model)
-    p0 = next(iter(params.values()))
-    layers = linear_layers(model, params)
-    if layers is None:
-        q = per_sample_gradients(model, qx, qy, qfn, params=params)
-        rows = [
-            per_sample_gradients(model, x[s : s + chunk], y[s : s + chunk], fn, params=params) @ q.T
-            for s in range(0, y.shape[0], chunk)
-        ]
-        return torch.cat(rows, 0)
-    qf = _layer_factors(model, layers, qx.to(p0.device), qy.to(p0.device), qfn, p0.dtype)
-    out = []
-    for s in range(0, y.shape[0], chunk):
-        tf = _layer_factors(
-            model,
-            layers,
-            x[s : s + chunk].to(p0.device),
-            y[s : s + chunk].to(p0.device),
-            fn,
-            p0.dtype,
+    slot_all = torch.arange(c, device=members.device)[:, None].expand(c, s)[valid].to(p0.device)
+    kron = isinstance(projector, KroneckerProjector)
+    if kron:
+        width = projector.d
+        offsets = {}
+    else:
+        offsets, off = {}, 0
+        for nm, v in params.items():
+            offsets[nm] = off
+            off += v.numel()
+        width = off
+    out = torch.zeros(c, width, dtype=p0.dtype, device=p0.device)
+    rest: list[str] = []
+    for st in range(0, idx.numel(), budget):
+        sub = idx[st : st + budget]
+        slot = slot_all[st : st + budget]
+        factors, rest = capture_factors(
+            model, params, x[sub].to(p0.device), y[sub].to(p0.device), fn
         )
-        acc = torch.zeros(tf[0][0].shape[0], qf[0][0].shape[0], dtype=p0.dtype, device=p0.device)
-        for (_, wname, bname), (a, g), (qa, qg) in zip(layers, tf, qf, strict=True):
-            if a.shape[1] == 1 and qa.shape[1] == 1:
-                gg = g[:, 0] @ qg[:, 0].T
-                if wname is not None:
-                    acc += gg * (a[:, 0] @ qa[:, 0].T)
-                if bname is not None:
-                    acc += gg
-            else:  # positions: sum over pairs (t, u) of (g_t . g'_u)(a_t . a'_u)
-                gg = torch.einsum("ntc,muc->nmtu", g, qg)
-                if wname is not None:
-                    acc += (gg * torch.einsum("ntc,muc->nmtu", a, qa)).sum((2, 3))
-                if bname is not None:
-                    acc += gg.sum((2, 3))
-        out.append(acc)
-    full = torch.cat(out, 0)
-    if group_ids is None:
-        return full
-    return full.new_zeros(int(k), full.shape[1]).index_add_(0, group_ids.to(full.device), full)
+        for f in factors:
+            if kron:
+                bi = projector.layer_block.get(f.name)
+                if bi is not None:
+                    o = projector.starts[bi]
+                    out[:, o : o + projector.blocks[bi].dim] += projector.project_factors(
+                        f, slot, c
+                    )
+                    continue
+                grads = group_layer_gradients(f, slot, c)
+                bi = projector.name_block[next(iter(grads))]
+                flat = torch.cat([grads[nm].reshape(c, -1) for nm in projector.blocks[bi].names], 1)
+                o = projector.starts[bi]
+                out[:, o : o + projector.blocks[bi].dim] += projector.project_dense(bi, flat)
+                continue
+            for nm, gr in group_layer_gradients(f, slot, c).items():
+                o = offsets[nm]
+                out[:, o : o + gr[0].numel()] += gr.reshape(c, -1)
+    if rest:
+        sub_params = {nm: params[nm] for nm in rest}
+        g = _vmap_chunk(_vmap_group_fn(model, fn), sub_params, x, y, members, vmap_budget)
+        if kron:
+            bi = projector.name_block[rest[0]]
+            o = projector.starts[bi]
+            out[:, o : o + projector.blocks[bi].dim] += projector.project_dense(bi, g)
+        else:
+            o = 0
+            for nm in rest:
+                nmel = params[nm].numel()
+                out[:, offsets[nm] : offsets[nm] + nmel] += g[:, o : o + nmel]
+                o += nmel
+    return out
 
 
 def _chunks_by_size(
@@ -327,11 +329,15 @@ def iter_group_gradients(
         k: number of groups.
         fn: per-example scalar function ``(logits (B, C), y (B,)) -> (B,)``.
         params: the parameters to differentiate (default: all trainable).
-        projector: optional map (c, p) -> (c, d) applied to each chunk.
+        projector: optional map (c, p) -> (c, d) applied to each chunk; a
+            :class:`KroneckerProjector` is applied to the factors on the factored path.
         backend: ``vmap`` (batched), ``loop`` (one backward per group, reference) or
-            ``factored`` (one backward per chunk plus per-layer segment sums; Linear
-            layers only, else ``vmap``).
-        max_points: padded points per vmap chunk.
+            ``factored`` (one backward per chunk plus per-layer segment sums through the
+            layer rules of :mod:`ggda.gradients.layers`; ``vmap`` for parameters no rule
+            covers, with one warning).
+        max_points: padded points per batched chunk; the vmap path also keeps a chunk's
+            activations within ``VMAP_ACT_ELEMS`` and the factored path its factors within
+            ``FACTOR_ELEMS`` (measured on one point), whatever max_points says.
         max_elems: bound on the chunk's gradient entries (c * p) held at once.
 
     Yields:
@@ -342,7 +348,6 @@ def iter_group_gradients(
         params = select_params(model)
     device = next(iter(params.values())).device
     p = num_params(params)
-    buffers = {k_: v.detach() for k_, v in model.named_buffers()}
     max_groups = max(1, max_elems // max(p, 1))
 
     if backend == "loop":
@@ -362,30 +367,32 @@ def iter_group_gradients(
             yield torch.tensor([j]), projector(flat) if projector else flat
         return
 
-    layers = linear_layers(model, params) if backend == "factored" else None
-    if layers is not None:
-        # With a projection, big chunks amortise reading the (p, d) matrix once per chunk
-        # (a (c, p) @ (p, d) product is bound by reading P when c is small).
-        small = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
-        f_groups = max_groups if projector is not None else small
-        for groups, members in _chunks_by_size(group_ids, k, max_points, f_groups):
-            flat = _factored_chunk(model, layers, params, x, y, members, fn)
-            yield groups, projector(flat) if projector else flat
+    n = y.shape[0]
+    x1, y1 = x[:1].to(device), y[:1].to(device)
+    vmap_budget = max(1, min(max_points, VMAP_ACT_ELEMS // activation_elems(model, x1)))
+    if backend == "factored":
+        warn_fallback(model, split_params(model, params))
+        budget = max(1, FACTOR_ELEMS // factor_elems(model, params, x1, y1, fn))
+        kron = isinstance(projector, KroneckerProjector)
+        if kron:
+            # nothing (c, p) is formed: the chunk is bounded by its (c, d) output
+            f_groups = max(1, max_elems // max(projector.d, 1))
+        elif projector is not None:
+            # big chunks amortise reading the (p, d) matrix once per chunk
+            f_groups = max_groups
+        else:
+            # the chunk's (c, p) output is written fresh each chunk; a few MB stays in the
+            # caches' reach while 100+ MB chunks pay page faults
+            f_groups = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
+        for groups, members in _chunks_by_size(group_ids, k, max(max_points, budget), f_groups):
+            flat = _factored_chunk(model, params, x, y, members, fn, budget, vmap_budget, projector)
+            yield groups, projector(flat) if projector is not None and not kron else flat
         return
 
-    def group_sum(prm, xg, yg, mg):
-        logits = functional_call(model, (prm, buffers), (xg,))
-        return (fn(logits, yg) * mg).sum()
-
-    per_group = vmap(grad(group_sum), in_dims=(None, 0, 0, 0))
-    for groups, members in _chunks_by_size(group_ids, k, max_points, max_groups):
-        valid = members >= 0
-        safe = members.clamp_min(0)
-        xg = x[safe].to(device)
-        yg = y[safe].to(device)
-        mg = valid.to(device=device, dtype=next(iter(params.values())).dtype)
-        g = per_group(params, xg, yg, mg)
-        flat = _flat(g, len(groups))
+    per_group = _vmap_group_fn(model, fn)
+    del n
+    for groups, members in _chunks_by_size(group_ids, k, vmap_budget, max_groups):
+        flat = _vmap_chunk(per_group, params, x, y, members, vmap_budget)
         yield groups, projector(flat) if projector else flat
 
 

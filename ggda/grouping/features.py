@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ggda.gradients.projection import RandomProjector
 from ggda.errors import GGDAError, check_choice
+from ggda.gradients.projection import RandomProjector
 
 FEATURES = ("inputs", "representations", "gradients")
 GRADIENT_KINDS = ("last_layer", "logits", "penultimate")

@@ -1,0 +1,233 @@
+"""Inner products of (group) training gradients with query gradients, per layer, factorised.
+
+TracIn without projection needs S[j, r] = <grad sum_{i in G_j} fn(z_i), grad qfn(q_r)>.
+Per layer there are two exact ways, and :func:`per_sample_inner_products` picks the cheaper
+one for each layer from its shapes, n, k and m:
+
+- ``ghost`` (linear, conv): <sum_t g_t a_t^T, sum_u g'_u a'_u^T> = sum_{t,u} (g_t.g'_u)(a_t.a'_u),
+  per training point, then summed per group. Costs n m T T' (in + out): cheap for plain
+  rows (T = T' = 1), ruinous for conv layers with hundreds of positions. For an embedding
+  the analogue gathers the query gradient's rows by token id: sum_t g_t . Q_r[a_t],
+  n m T dim, never a dense vocab x dim gradient per point.
+- ``materialise``: the layer's per-group gradient (c, p_l) from the factors (one bmm per
+  chunk, n T p_l flops) dotted with the query gradients (m, p_l): k m p_l + n T p_l.
+
+Norm layers and bias vectors are materialised (tiny). Parameters no layer rule covers use
+vmap group gradients. Nothing n x p is held: training points stream in group-aligned
+chunks, each layer's (c, p_l) exists only while it is dotted. The query side is held per
+layer ((m, p_l) or its factors) and is split into batches when it exceeds
+``QUERY_ELEMS``, each batch taking one more pass over the training data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ggda.gradients.group import (
+    FACTOR_ELEMS,
+    VMAP_ACT_ELEMS,
+    Fn,
+    _chunks_by_size,
+    _vmap_chunk,
+    _vmap_group_fn,
+    activation_elems,
+    select_params,
+    warn_fallback,
+)
+from ggda.gradients.layers import LayerFactors, capture_factors, group_layer_gradients
+
+# Entries of the query side held at once (per-layer gradients or factors), and of the
+# (points x queries x T x T') position-pair tensors of the ghost form.
+QUERY_ELEMS = 64_000_000
+PAIR_ELEMS = 16_000_000
+# Entries of one layer's (c, p_l) per-group gradient in a chunk.
+GROUP_ELEMS = 16_000_000
+
+
+def _weight_numel(f: LayerFactors) -> int:
+    return f.module.weight.numel() if f.weight is not None else 0
+
+
+def _plan(tf: LayerFactors, qf: LayerFactors, n: int, k: int, m: int) -> str:
+    """``ghost`` or ``materialise`` for one layer's weight, by flop count."""
+    if tf.weight is None or tf.kind == "norm":
+        return "materialise"
+    t, tq = tf.positions, qf.positions
+    p_w = _weight_numel(tf)
+    if tf.kind == "embedding":
+        ghost = n * t * tf.g.shape[-1] * m
+        mat = k * m * p_w + n * t * tf.g.shape[-1]
+    else:
+        ghost = n * m * t * tq * (tf.a.shape[-1] + tf.g.shape[-1])
+        mat = k * m * p_w + n * t * p_w
+    return "ghost" if ghost < mat else "materialise"
+
+
+def _flat_layer(grads: dict[str, torch.Tensor], names: list[str], c: int) -> torch.Tensor:
+    return torch.cat([grads[nm].reshape(c, -1) for nm in names], 1)
+
+
+class _QuerySide:
+    """The query batch's per-layer representation for the chosen forms."""
+
+    def __init__(self, factors: list[LayerFactors], plans: dict[str, str], mq: int) -> None:
+        self.mat: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self.ghost: dict[str, LayerFactors] = {}
+        self.bias: dict[str, torch.Tensor] = {}
+        self.emb: dict[str, torch.Tensor] = {}
+        slot = torch.arange(mq, device=factors[0].g.device) if factors else None
+        for f in factors:
+            plan = plans[f.name]
+            if plan == "materialise":
+                names = [nm for nm in (f.weight, f.bias) if nm]
+                self.mat[f.name] = (
+                    names,
+                    _flat_layer(group_layer_gradients(f, slot, mq), names, mq),
+                )
+                continue
+            if f.kind == "embedding":  # (mq, vocab, dim) for row gathers by token id
+                self.emb[f.name] = group_layer_gradients(f, slot, mq)[f.weight]
+            else:
+                self.ghost[f.name] = f
+            if f.bias is not None:
+                self.bias[f.name] = f.g.sum(1)  # (mq, out)
+
+
+def _ghost_weight(tf: LayerFactors, qf: LayerFactors) -> torch.Tensor:
+    """(N, mq) sum_{t,u} (g_t . g'_u)(a_t . a'_u), in pieces bounded by PAIR_ELEMS."""
+    n, t = tf.g.shape[:2]
+    mq, tq = qf.g.shape[:2]
+    if t == 1 and tq == 1:
+        return (tf.g[:, 0] @ qf.g[:, 0].T) * (tf.a[:, 0] @ qf.a[:, 0].T)
+    step = max(1, PAIR_ELEMS // max(1, mq * t * tq))
+    rows = []
+    for s in range(0, n, step):
+        gg = torch.einsum("ntc,muc->nmtu", tf.g[s : s + step], qf.g)
+        aa = torch.einsum("ntc,muc->nmtu", tf.a[s : s + step], qf.a)
+        rows.append((gg * aa).sum((2, 3)))
+    return torch.cat(rows, 0)
+
+
+def _ghost_embedding(tf: LayerFactors, q: torch.Tensor) -> torch.Tensor:
+    """(N, mq) sum_t g_t . Q_r[a_t] with Q (mq, vocab, dim): rows gathered by token id."""
+    n, t, dim = tf.g.shape
+    mq = q.shape[0]
+    qt = q.permute(1, 2, 0)  # (vocab, dim, mq)
+    step = max(1, PAIR_ELEMS // max(1, t * dim * mq))
+    rows = []
+    for s in range(0, n, step):
+        gathered = qt[tf.a[s : s + step]]  # (n_s, T, dim, mq)
+        rows.append(torch.einsum("ntd,ntdm->nm", tf.g[s : s + step], gathered))
+    return torch.cat(rows, 0)
+
+
+def per_sample_inner_products(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fn: Fn,
+    qx: torch.Tensor,
+    qy: torch.Tensor,
+    qfn: Fn,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    chunk: int = 1024,
+    group_ids: torch.Tensor | None = None,
+    k: int | None = None,
+) -> torch.Tensor:
+    """All inner products <grad fn(z_i), grad qfn(q_r)>: (n, m), no per-sample gradient held.
+
+    Per layer the cheaper exact form is used (module docstring): the ghost form
+    (g_i . g_r)(a_i . a_r) summed over position pairs, or the layer's per-group gradient
+    dotted with the query gradients. Parameters without a layer rule use vmap gradients.
+
+    Args:
+        x, y: (n, ...) and (n,) training side; fn its per-example function (B, C),(B,) -> (B,).
+        qx, qy: (m, ...) and (m,) query side; qfn its per-example function.
+        params: parameters differentiated (default: all trainable).
+        chunk: training points per batched pass (also bounded by the factors' memory).
+        group_ids, k: optional (n,) grouping into k groups; then the rows are summed per
+            group, giving <grad sum_{i in G_j} fn(z_i), grad qfn(q_r)> (k, m). The cost is
+            about one forward/backward over the training data plus k m p (nothing k x p
+            or n x p is formed at once).
+
+    Returns:
+        (n, m), or (k, m) with a grouping, on the params' device.
+    """
+    if params is None:
+        params = select_params(model)
+    p0 = next(iter(params.values()))
+    dev, dtype = p0.device, p0.dtype
+    n, m = y.shape[0], qy.shape[0]
+    if group_ids is None:
+        group_ids, kk = torch.arange(n), n
+    else:
+        kk = int(k) if k is not None else int(group_ids.max()) + 1
+    group_ids = group_ids.cpu()
+    # one-point probes: positions per layer and memory per point
+    tprobe, rest = capture_factors(model, params, x[:1].to(dev), y[:1].to(dev), fn)
+    qprobe, _ = capture_factors(model, params, qx[:1].to(dev), qy[:1].to(dev), qfn)
+    warn_fallback(model, rest)
+    plans = {tf.name: _plan(tf, qf, n, kk, m) for tf, qf in zip(tprobe, qprobe, strict=True)}
+    per_point = max(1, sum(f.a.numel() + f.g.numel() for f in tprobe))
+    budget = max(1, min(chunk, FACTOR_ELEMS // per_point))
+    vmap_budget = max(1, min(chunk, VMAP_ACT_ELEMS // activation_elems(model, x[:1].to(dev))))
+    rest_params = {nm: params[nm] for nm in rest}
+    p_rest = sum(v.numel() for v in rest_params.values())
+    # query elements per query row, to size the query batches
+    q_per = p_rest
+    widest = max(
+        [p_rest] + [tf.a.shape[-1] * tf.g.shape[-1] for tf in tprobe if tf.kind != "embedding"]
+    )
+    for tf, qf in zip(tprobe, qprobe, strict=True):
+        if plans[tf.name] == "materialise" or tf.kind == "embedding":
+            q_per += _weight_numel(tf) + (tf.g.shape[-1] if tf.bias else 0)
+        else:
+            q_per += qf.a.numel() + qf.g.numel() * (2 if tf.bias else 1)
+    mb = max(1, min(m, QUERY_ELEMS // max(1, q_per)))
+    max_groups = max(1, GROUP_ELEMS // max(1, widest))
+    out = torch.zeros(kk, m, dtype=dtype, device=dev)
+    vm_fn = _vmap_group_fn(model, fn) if rest else None
+    for q0 in range(0, m, mb):
+        qxb, qyb = qx[q0 : q0 + mb].to(dev), qy[q0 : q0 + mb].to(dev)
+        mq = qyb.shape[0]
+        qfactors, _ = capture_factors(model, params, qxb, qyb, qfn)
+        qside = _QuerySide(qfactors, plans, mq)
+        q_rest = None
+        if rest:
+            q_rest = _vmap_chunk(
+                _vmap_group_fn(model, qfn),
+                rest_params,
+                qx[q0 : q0 + mb],
+                qy[q0 : q0 + mb],
+                torch.arange(mq)[:, None],
+                vmap_budget,
+            )
+        for groups, members in _chunks_by_size(group_ids, kk, budget, max_groups):
+            c, s = members.shape
+            valid = members >= 0
+            idx = members[valid]
+            slot_all = torch.arange(c)[:, None].expand(c, s)[valid].to(dev)
+            acc = torch.zeros(c, mq, dtype=dtype, device=dev)
+            for st in range(0, idx.numel(), budget):
+                sub, slot = idx[st : st + budget], slot_all[st : st + budget]
+                tfactors, _ = capture_factors(model, params, x[sub].to(dev), y[sub].to(dev), fn)
+                for f in tfactors:
+                    if f.name in qside.mat:
+                        names, qmat = qside.mat[f.name]
+                        gmat = _flat_layer(group_layer_gradients(f, slot, c), names, c)
+                        acc += gmat @ qmat.T
+                        continue
+                    if f.kind == "embedding":
+                        per = _ghost_embedding(f, qside.emb[f.name])
+                    else:
+                        per = _ghost_weight(f, qside.ghost[f.name])
+                    if f.bias is not None:
+                        per = per + f.g.sum(1) @ qside.bias[f.name].T
+                    acc.index_add_(0, slot, per)
+            if rest:
+                g = _vmap_chunk(vm_fn, rest_params, x, y, members, vmap_budget)
+                acc += g @ q_rest.T
+            out[groups.to(dev), q0 : q0 + mq] = acc
+    return out

@@ -1,0 +1,448 @@
+"""Per-layer factor capture: one batched forward/backward gives every per-example gradient.
+
+In eval mode points do not interact, so for a layer with parameters the gradient of
+sum_i fn(z_i) w.r.t. the layer's output at point i and position t, g_it, together with
+what the layer saw, a_it, determines point i's parameter gradient exactly. One small
+rule per layer type says what a is and how the gradient is formed from (a, g):
+
+==========  ====================================  ======================================
+kind        a (per point, per position t)          point i's gradient
+==========  ====================================  ======================================
+linear      input row (in,)                        W: sum_t g_it a_it^T, b: sum_t g_it
+conv2d      unfolded input patch (C_in kh kw,)     W: sum_t g_it a_it^T (reshaped), b as above
+embedding   token id                               W: sum_t onehot(a_it) g_it^T
+norm        normalised input x_hat (C,)            gamma: sum_t g_it * a_it, beta: sum_t g_it
+==========  ====================================  ======================================
+
+T counts positions: 1 for plain rows, tokens for sequences, H_out W_out for a conv, and
+a layer called twice contributes both calls' positions. A module type with no rule (or a
+configuration a rule does not cover: grouped convs, training-mode batch-norm, ...) leaves
+its parameters to the ``vmap`` fallback; :func:`split_params` says which.
+
+Differentiating the live module, these rules need the layer's output to be used out of
+place (an in-place op on it, e.g. ``ReLU(inplace=True)`` right after, would change the
+tensor whose gradient is read).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+KINDS = ("linear", "conv2d", "embedding", "norm")
+
+
+@dataclass
+class LayerFactors:
+    """One supported layer's per-example factors from one batched forward/backward.
+
+    Attributes:
+        name: qualified module name in the net (``model.named_modules()``).
+        module: the layer.
+        kind: ``linear`` | ``conv2d`` | ``embedding`` | ``norm``.
+        a: linear (N, T, in) inputs; conv2d (N, T, C_in kh kw) unfolded patches in the
+            column order of ``weight.reshape(C_out, -1)``; embedding (N, T) long ids;
+            norm (N, T, C) normalised inputs x_hat.
+        g: (N, T, out) gradient of sum_i fn(z_i) w.r.t. the layer output per position
+            (embedding: zero where the id is ``padding_idx``).
+        weight: the weight's name in ``params`` when selected, else None.
+        bias: the bias's name in ``params`` when selected, else None.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    a: torch.Tensor
+    g: torch.Tensor
+    weight: str | None
+    bias: str | None
+
+    @property
+    def positions(self) -> int:
+        """T."""
+        return self.a.shape[1]
+
+    @property
+    def rows(self) -> int:
+        """Rows of the weight as a matrix (out; embedding: vocabulary size; norm: C)."""
+        if self.kind == "embedding":
+            return self.module.num_embeddings
+        return self.g.shape[-1]
+
+    @property
+    def cols(self) -> int:
+        """Columns of the weight as a matrix (in; conv: C_in kh kw; embedding: dim; norm: 1)."""
+        if self.kind == "embedding":
+            return self.g.shape[-1]
+        if self.kind == "norm":
+            return 1
+        return self.a.shape[-1]
+
+
+# -- rules: what a layer saw (a) and how its output gradient is laid out (g) --------------
+# Each rule: supports(module) -> bool, kind, factor(module, input, output, grad_output)
+# -> (a (N, T, .), g (N, T, out)), and the widths of a zero stand-in for an unused layer.
+
+
+def _lead(x: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    return x.reshape(n, -1, width)
+
+
+class _Linear:
+    kind = "linear"
+    types = (nn.Linear,)
+
+    @staticmethod
+    def supports(mod: nn.Module) -> bool:
+        return True
+
+    @staticmethod
+    def factor(mod, inp, out, gout, n):
+        # any leading dims (tokens, ...) become positions
+        return _lead(inp, n, mod.in_features), _lead(gout, n, mod.out_features)
+
+    @staticmethod
+    def widths(mod):
+        return mod.in_features, mod.out_features
+
+
+class _Conv2d:
+    kind = "conv2d"
+    types = (nn.Conv2d,)
+
+    @staticmethod
+    def supports(mod: nn.Module) -> bool:
+        # F.unfold reproduces zero padding only; grouped convs have block-diagonal weights
+        return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+
+    @staticmethod
+    def factor(mod, inp, out, gout, n):
+        if inp.ndim == 3:  # unbatched (C, H, W) inside a caller's loop
+            inp, gout = inp[None], gout[None]
+        # (N, C_in kh kw, L): channel-major columns, the order of weight.reshape(C_out, -1)
+        patches = F.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        a = patches.transpose(1, 2).reshape(n, -1, patches.shape[1])
+        g = gout.flatten(2).transpose(1, 2).reshape(n, -1, mod.out_channels)
+        return a, g
+
+    @staticmethod
+    def widths(mod):
+        return mod.in_channels * math.prod(mod.kernel_size), mod.out_channels
+
+
+class _Embedding:
+    kind = "embedding"
+    types = (nn.Embedding,)
+
+    @staticmethod
+    def supports(mod: nn.Module) -> bool:
+        # max_norm renormalises the weight inside forward; scale_grad_by_freq couples points
+        return mod.max_norm is None and not mod.scale_grad_by_freq
+
+    @staticmethod
+    def factor(mod, inp, out, gout, n):
+        ids = inp.reshape(n, -1)
+        g = gout.reshape(n, -1, mod.embedding_dim)
+        if mod.padding_idx is not None:  # torch never updates the padding row
+            g = g * (ids != mod.padding_idx).unsqueeze(-1).to(g.dtype)
+        return ids, g
+
+    @staticmethod
+    def widths(mod):
+        return None, mod.embedding_dim
+
+
+class _EmbeddingBag:
+    """2-d input (N, L) (fixed-length bags), mode sum or mean, no per-sample weights.
+
+    The bag's output gradient reaches each of its tokens, divided by the bag's count of
+    non-padding tokens for ``mean``.
+    """
+
+    kind = "embedding"
+    types = (nn.EmbeddingBag,)
+
+    @staticmethod
+    def supports(mod: nn.Module) -> bool:
+        return mod.mode in ("sum", "mean") and mod.max_norm is None and not mod.scale_grad_by_freq
+
+    @staticmethod
+    def accepts(inp: tuple) -> bool:
+        extra = [t for t in inp[1:] if t is not None]
+        return inp[0].ndim == 2 and not extra
+
+    @staticmethod
+    def factor(mod, inp, out, gout, n):
+        ids = inp.reshape(n, -1)
+        keep = torch.ones_like(ids, dtype=gout.dtype)
+        if mod.padding_idx is not None:
+            keep = (ids != mod.padding_idx).to(gout.dtype)
+        if mod.mode == "mean":
+            keep = keep / keep.sum(1, keepdim=True).clamp_min(1.0)
+        g = gout.reshape(n, 1, mod.embedding_dim) * keep.unsqueeze(-1)
+        return ids, g
+
+    @staticmethod
+    def widths(mod):
+        return None, mod.embedding_dim
+
+
+class _BatchNorm:
+    """Eval-mode batch-norm (running statistics), so points do not interact."""
+
+    kind = "norm"
+    types = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+    @staticmethod
+    def supports(mod: nn.Module) -> bool:
+        return mod.affine and mod.track_running_stats and mod.running_mean is not None
+
+    @staticmethod
+    def active(mod: nn.Module) -> bool:
+        return not mod.training  # checked at capture time: the mode can change
+
+    @staticmethod
+    def factor(mod, inp, out, gout, n):
+        shape = [1, -1] + [1] * (inp.ndim - 2)
+        xhat = (inp - mod.running_mean.view(shape)) * torch.rsqrt(
+            mod.running_var.view(shape) + mod.eps
+        )
+        c = mod.num_features
+        if inp.ndim == 2:
+            return xhat.reshape(n, 1, c), gout.reshape(n, 1, c)
+        return (
+            xhat.flatten(2).transpose(1, 2).reshape(n, -1, c),
+            gout.flatten(2).transpose(1, 2).reshape(n, -1, c),
+        )
+
+    @staticmethod
+    def widths(mod):
+        return mod.num_features, mod.num_features
+
+
+class _LayerNorm:
+    kind = "norm"
+    types = (nn.LayerNorm,)
+
+    @staticmethod
+    def supports(mod: nn.Module) -> bool:
+        return mod.elementwise_affine
+
+    @staticmethod
+    def factor(mod, inp, out, gout, n):
+        xhat = F.layer_norm(inp, mod.normalized_shape, None, None, mod.eps)
+        c = math.prod(mod.normalized_shape)
+        return xhat.reshape(n, -1, c), gout.reshape(n, -1, c)
+
+    @staticmethod
+    def widths(mod):
+        c = math.prod(mod.normalized_shape)
+        return c, c
+
+
+RULES = (_Linear, _Conv2d, _Embedding, _EmbeddingBag, _BatchNorm, _LayerNorm)
+
+
+def rule_for(mod: nn.Module):
+    """The rule covering this module, or None (exact type match: a subclass may differ)."""
+    for r in RULES:
+        if type(mod) in r.types and r.supports(mod) and getattr(r, "active", lambda m: True)(mod):
+            return r
+    return None
+
+
+def _qual(mname: str, pname: str) -> str:
+    return f"{mname}.{pname}" if mname else pname
+
+
+def supported_layers(
+    model: nn.Module, params: dict[str, torch.Tensor]
+) -> tuple[list[tuple[str, nn.Module, object, str | None, str | None]], list[str]]:
+    """Split ``params`` into layers a rule covers and the rest.
+
+    Returns:
+        ([(module name, module, rule, weight name or None, bias name or None)] in module
+        order, [names of the selected parameters no rule covers] in ``params`` order).
+    """
+    covered: set[str] = set()
+    layers = []
+    for mname, mod in model.named_modules():
+        own = [_qual(mname, pn) for pn, _ in mod.named_parameters(recurse=False)]
+        mine = [nm for nm in own if nm in params]
+        if not mine:
+            continue
+        rule = rule_for(mod)
+        if rule is None:
+            continue
+        w, b = _qual(mname, "weight"), _qual(mname, "bias")
+        if not set(mine) <= {w, b}:
+            continue  # a parameter the rule does not know: leave the module to the fallback
+        layers.append((mname, mod, rule, w if w in params else None, b if b in params else None))
+        covered.update(mine)
+    return layers, [nm for nm in params if nm not in covered]
+
+
+def split_params(model: nn.Module, params: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the selected parameters that no layer rule covers (the vmap fallback)."""
+    return supported_layers(model, params)[1]
+
+
+def capture_factors(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fn: Fn,
+) -> tuple[list[LayerFactors], list[str]]:
+    """One ordinary batched forward/backward of sum_i fn(model(x)_i, y_i) with hooks.
+
+    Returns the factors of every supported layer owning a parameter in ``params`` (module
+    order) and the names of the selected parameters no rule covers (for the vmap
+    fallback). T = 1 for plain rows; T > 1 for token positions, conv positions, or a layer
+    used twice. Point i's weight gradient: linear/conv: sum_t g_it a_it^T (conv reshaped
+    to weight.shape); embedding: sum_t onehot(a_it) g_it^T; norm: sum_t g_it * a_it;
+    bias: sum_t g_it. No ``.grad`` is written on the model.
+
+    Args:
+        model: the net (eval mode); ``params`` must be its own parameters (detached views
+            as :func:`ggda.gradients.select_params` returns them).
+        params: the selected parameters by qualified name.
+        x: (N, ...) inputs on the model's device; y: (N,) labels.
+        fn: per-example scalar function ``(logits (N, C), y (N,)) -> (N,)``.
+    """
+    layers, rest = supported_layers(model, params)
+    n = y.shape[0]
+    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+    bad: list[bool] = [False] * len(layers)
+
+    def keeper(i: int, rule):
+        def keep(mod, inp, out):
+            if hasattr(rule, "accepts") and not rule.accepts(inp):
+                bad[i] = True
+                return
+            seen[i].append((inp[0].detach(), out))
+
+        return keep
+
+    handles = [
+        mod.register_forward_hook(keeper(i, rule)) for i, (_, mod, rule, _, _) in enumerate(layers)
+    ]
+    try:
+        with torch.enable_grad():
+            total = fn(model(x), y).sum()
+            outs = [o for s in seen for _, o in s]
+            grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
+    finally:
+        for h in handles:
+            h.remove()
+    if any(bad):  # an input layout the rule does not cover: those params go to the fallback
+        moved = {nm for i, lay in enumerate(layers) if bad[i] for nm in lay[3:] if nm}
+        keep_layers = [i for i in range(len(layers)) if not bad[i]]
+        rest = [nm for nm in params if nm in set(rest) | moved]
+    else:
+        keep_layers = list(range(len(layers)))
+    res: list[LayerFactors] = []
+    gi = iter(grads)
+    per_layer_grads = []
+    for s in seen:
+        per_layer_grads.append([next(gi) for _ in s])
+    p0 = next(iter(params.values()))
+    for i in keep_layers:
+        mname, mod, rule, w, b = layers[i]
+        a_parts, g_parts = [], []
+        for (inp, out), gout in zip(seen[i], per_layer_grads[i], strict=True):
+            gout = torch.zeros_like(out) if gout is None else gout.detach()
+            a_, g_ = rule.factor(mod, inp, out.detach(), gout, n)
+            a_parts.append(a_)
+            g_parts.append(g_)
+        if not a_parts:  # the layer took no part in the forward pass: zero gradient
+            wa, wg = rule.widths(mod)
+            if wa is None:
+                a_parts = [torch.zeros(n, 1, dtype=torch.long, device=p0.device)]
+            else:
+                a_parts = [torch.zeros(n, 1, wa, dtype=p0.dtype, device=p0.device)]
+            g_parts = [torch.zeros(n, 1, wg, dtype=p0.dtype, device=p0.device)]
+        res.append(
+            LayerFactors(mname, mod, rule.kind, torch.cat(a_parts, 1), torch.cat(g_parts, 1), w, b)
+        )
+    return res, rest
+
+
+# -- per-layer gradients from factors ------------------------------------------------------
+
+
+def layer_numel(f: LayerFactors) -> int:
+    """Entries of the layer's selected parameters."""
+    out = 0
+    if f.weight is not None:
+        out += f.module.weight.numel()
+    if f.bias is not None:
+        out += f.module.bias.numel()
+    return out
+
+
+def group_layer_gradients(f: LayerFactors, slot: torch.Tensor, c: int) -> dict[str, torch.Tensor]:
+    """Per-group gradients of one layer's selected parameters, each (c, *param.shape).
+
+    Args:
+        f: the layer's factors over N points.
+        slot: (N,) long in [0, c): the group (row of the result) of each point.
+        c: number of groups.
+
+    The segment sum runs over a group's points and positions: linear/conv as one bmm over
+    group-padded factors, embedding as an ``index_add`` into (c, vocab, dim), norm and
+    bias as sums. Nothing per point x parameter is formed.
+    """
+    out: dict[str, torch.Tensor] = {}
+    g = f.g
+    n, t = g.shape[:2]
+    if f.weight is not None:
+        wshape = f.module.weight.shape
+        if f.kind in ("linear", "conv2d"):
+            gp, ap, _ = _pad_by_group(slot, c, g, f.a)
+            w = torch.bmm(gp.transpose(1, 2), ap)  # (c, out, in')
+            out[f.weight] = w.reshape(c, *wshape)
+        elif f.kind == "embedding":
+            vocab, dim = wshape
+            w = g.new_zeros(c * vocab, dim)
+            idx = (slot[:, None] * vocab + f.a).reshape(-1)
+            w.index_add_(0, idx, g.reshape(-1, dim))
+            out[f.weight] = w.reshape(c, vocab, dim)
+        else:  # norm: sum_t g * x_hat
+            per = (g * f.a).sum(1)
+            out[f.weight] = per.new_zeros(c, per.shape[1]).index_add_(0, slot, per)
+    if f.bias is not None:
+        per = g.sum(1)
+        out[f.bias] = per.new_zeros(c, per.shape[1]).index_add_(0, slot, per)
+    return out
+
+
+def _pad_by_group(slot: torch.Tensor, c: int, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Lay (N, T, w) tensors out per group as (c, s T, w), zero-padded; s = largest group.
+
+    Returns the padded tensors and s. Free when the points are already group-major with
+    equal group sizes.
+    """
+    n, t = ts[0].shape[:2]
+    sizes = torch.bincount(slot, minlength=c)
+    s = int(sizes.max()) if n else 0
+    if c * s == n and bool(
+        (slot == torch.arange(c, device=slot.device).repeat_interleave(s)).all()
+    ):
+        return (*(x.reshape(c, s * t, x.shape[-1]) for x in ts), s)
+    order = torch.argsort(slot, stable=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    sorted_slot = slot[order]
+    pos = torch.arange(n, device=slot.device) - starts[sorted_slot]
+    outs = []
+    for x in ts:
+        buf = x.new_zeros(c, s, t, x.shape[-1])
+        buf[sorted_slot, pos] = x[order]
+        outs.append(buf.reshape(c, s * t, x.shape[-1]))
+    return (*outs, s)
