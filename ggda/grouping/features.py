@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ggda.errors import GGDAError, check_choice
-from ggda.gradients.projection import RandomProjector
+from ggda.gradients.projection import (
+    PROJ_STRUCTURES,
+    RandomProjector,
+    kron_dims,
+    random_matrix,
+)
 
 FEATURES = ("inputs", "representations", "gradients")
 GRADIENT_KINDS = ("last_layer", "logits", "penultimate")
@@ -61,6 +66,7 @@ def compute_features(
     proj_dim: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    proj_structure: str = "dense",
 ) -> torch.Tensor:
     """Features (n, f) of the training set in the chosen space, in the model's dtype.
 
@@ -71,7 +77,10 @@ def compute_features(
     - ``penultimate``: err W, (n, H), the gradient w.r.t. h;
     - ``last_layer``: vec(err outer [h; 1]), (n, C (H + 1)): row c holds [dl/dW_c, dl/db_c].
       When C (H + 1) > ``proj_dim`` it is projected to (n, proj_dim) by the seeded
-      :class:`RandomProjector` (p = C (H + 1)) without forming the (n, p) matrix.
+      :class:`RandomProjector` (p = C (H + 1)) without forming the (n, p) matrix;
+      with ``proj_structure=kronecker`` it is (err P_out) outer ([h; 1] P_in) flattened,
+      P_out (C, d_out), P_in (H + 1, d_in), d_out d_in <= proj_dim (split as in
+      :func:`ggda.gradients.projection.kron_dims`), = (P_out kron P_in)^T vec(err outer [h; 1]).
 
     Args:
         kind: ``inputs`` | ``representations`` | ``gradients``.
@@ -83,8 +92,10 @@ def compute_features(
         proj_dim: projection size for ``last_layer``.
         seed: projection seed.
         device: where to compute.
+        proj_structure: ``dense`` | ``kronecker`` (last-layer projection).
     """
     check_choice("grouping.features", kind, FEATURES)
+    check_choice("grouping.proj_structure", proj_structure, PROJ_STRUCTURES)
     if kind == "inputs" and not x.is_floating_point():
         raise GGDAError(
             "grouping.features=inputs clusters raw inputs, but these are integer token ids "
@@ -118,6 +129,11 @@ def compute_features(
     p = err.shape[1] * h1.shape[1]
     if p <= proj_dim:
         return (err[:, :, None] * h1[:, None, :]).flatten(1)
+    if proj_structure == "kronecker":
+        d_out, d_in = kron_dims(err.shape[1], h1.shape[1], proj_dim)
+        p_out = random_matrix(err.shape[1], d_out, seed * 2 + 1, "rademacher", h1.device, h1.dtype)
+        p_in = random_matrix(h1.shape[1], d_in, seed * 2 + 2, "rademacher", h1.device, h1.dtype)
+        return ((err @ p_out)[:, :, None] * (h1 @ p_in)[:, None, :]).flatten(1)
     # Project without forming (n, C*(H+1)): (err outer h1) P = sum_c err_c (h1 P_c),
     # with P reshaped to (C, H+1, d).
     P = RandomProjector(p, proj_dim, seed=seed).matrix(h1.device, h1.dtype)

@@ -263,6 +263,7 @@ class KMeansGrouper(Grouper):
         balanced: equal-size clusters (sizes differ by at most one; with ``per_class``,
             within each class).
         seed: initialisation (and projection) seed.
+        proj_structure: ``dense`` | ``kronecker`` projection of last-layer gradients.
     """
 
     name = "kmeans"
@@ -279,8 +280,12 @@ class KMeansGrouper(Grouper):
         per_class: bool = False,
         balanced: bool = False,
         seed: int = 0,
+        proj_structure: str = "dense",
     ) -> None:
         super().__init__(groups, seed)
+        self.proj_structure = check_choice(
+            "grouping.proj_structure", proj_structure, ("dense", "kronecker")
+        )
         self.features = check_choice("grouping.features", features, FEATURES)
         self.gradient_kind = check_choice("grouping.gradient_kind", gradient_kind, GRADIENT_KINDS)
         self.proj_dim = check_int("grouping.proj_dim", proj_dim, 1)
@@ -315,6 +320,7 @@ class KMeansGrouper(Grouper):
             proj_dim=self.proj_dim,
             seed=self.seed,
             device=device,
+            proj_structure=self.proj_structure,
         ).float()
         t1 = _now(device)
         if self.per_class:

@@ -8,7 +8,6 @@ from hydra import compose, initialize_config_dir
 
 from factory import ROOT, tiny_bundle, tiny_net
 from ggda.attribution.base import AttributionTask
-from ggda.gradients import select_params
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.properties import (
     FunctionProperty,
@@ -19,6 +18,7 @@ from ggda.attribution.properties import (
 from ggda.attribution.tracin import TracIn
 from ggda.attribution.trak import TRAK
 from ggda.errors import ConfigError, GGDAError
+from ggda.gradients import select_params
 from ggda.grouping.base import Grouping
 from ggda.models.functional import neg_loss
 from ggda.pipeline import build

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from factory import perturbed_checkpoints, tiny_data, tiny_task
-from ggda.gradients import num_params, select_params
-from ggda.gradients.projection import RandomProjector
 from ggda.attribution.trak import TRAK
 from ggda.errors import ConfigError
+from ggda.gradients import num_params, select_params
+from ggda.gradients.projection import RandomProjector
 from ggda.grouping import RandomGrouper
 from ggda.grouping.base import GroupingInputs
 from ggda.models.functional import margin, measurement_fn, per_example_loss

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from factory import tiny_data, tiny_net
-from ggda.gradients.projection import RandomProjector
 from ggda.errors import ConfigError, GGDAError
+from ggda.gradients.projection import RandomProjector
 from ggda.grouping.features import compute_features
 
 

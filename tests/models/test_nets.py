@@ -5,8 +5,8 @@ and the bag-of-embeddings invariances."""
 import pytest
 import torch
 
-from ggda.gradients import group_gradients, per_sample_gradients
 from ggda.errors import GGDAError
+from ggda.gradients import group_gradients, per_sample_gradients
 from ggda.models.functional import per_example_loss
 from ggda.models.nets import CNN, MLP, LogisticRegression, ResNet9, TextClassifier
 
