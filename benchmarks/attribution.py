@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from ggda.attribution.base import AttributionTask, Checkpoint
-from ggda.gradients import iter_group_gradients, per_sample_inner_products
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.properties import PropertyExamples
 from ggda.attribution.tracin import TracIn
 from ggda.attribution.trak import TRAK
+from ggda.gradients import iter_group_gradients, per_sample_inner_products
 from ggda.grouping.base import Grouping
 from ggda.models.functional import neg_loss, per_example_loss
 from ggda.models.nets import MLP

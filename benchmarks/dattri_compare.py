@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attribution import load_avg, mnist5k, point_queries, random_grouping, train
 
 from ggda.attribution.base import AttributionTask
-from ggda.gradients import per_sample_inner_products
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.tracin import TracIn
 from ggda.attribution.trak import TRAK
+from ggda.gradients import per_sample_inner_products
 from ggda.models.functional import margin, neg_loss, per_example_loss
 
 

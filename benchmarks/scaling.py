@@ -38,8 +38,8 @@ from attribution import (
 )
 
 from ggda.attribution.base import AttributionTask
-from ggda.gradients import per_sample_inner_products
 from ggda.attribution.tracin import TracIn
+from ggda.gradients import per_sample_inner_products
 from ggda.models.functional import neg_loss, per_example_loss
 
 
