@@ -254,6 +254,9 @@ def split_pool(
     return tr, va.sort().values, te.sort().values
 
 
+DEFAULT_TEST_FRACTION = 0.2
+
+
 def split_any(
     n_pool: int,
     n_test: int | None,
@@ -265,11 +268,15 @@ def split_any(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a user's data: pooled (``n_test`` None) or with its own test part.
 
+    ``num_test=None`` means all of the given test part, or a fifth of the points when
+    there is none.
+
     Returns:
         (train, val) indices into the pool; test indices into the pool (pooled) or into
         the test part (pre-split), sorted.
     """
     if n_test is None:
+        num_test = DEFAULT_TEST_FRACTION if num_test is None else num_test
         return split_pool(
             n_pool, num_train, num_val, num_test, seed, f"{source} holds {n_pool} points"
         )
@@ -313,8 +320,8 @@ def encode_labels(
         only = f" ({classes[0]!r} in all {n} rows)" if classes else ""
         raise GGDAError(
             f"{source}: the labels ({key}) hold only one class{only}; a classifier needs at "
-            f"least 2. Check that `{key}` names the label column/array and that the file "
-            "holds examples of every class."
+            f"least 2. Check that {key} holds the class labels and that the file holds "
+            "examples of every class."
         )
     if len(classes) > 50 and len(classes) > n // 2:
         log.warning(

@@ -93,7 +93,7 @@ class TableFile:
         name: str = "csv",
         num_train: int | float | None = None,
         num_val: int | float = 0.1,
-        num_test: int | float | None = 0.2,
+        num_test: int | float | None = None,
         num_queries: int = 100,
         split_seed: int = 0,
         label_noise: float = 0.0,
