@@ -46,6 +46,22 @@ class DataBundle:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def summary(self) -> dict:
+        """Sizes, shapes and what the loader recorded (class names, features, files), as
+        JSON-serialisable values (written to the run directory's ``data.json``)."""
+        return {
+            "name": self.name,
+            "n_train": self.n_train,
+            "n_val": int(self.y_val.shape[0]),
+            "n_test": int(self.y_test.shape[0]),
+            "num_queries": int(self.query_idx.numel()),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "input_dtype": str(self.x_train.dtype).replace("torch.", ""),
+            "label_noise_flipped": 0 if self.noise_mask is None else int(self.noise_mask.sum()),
+            **{k: v for k, v in self.meta.items() if k != "vocab"},
+        }
+
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of split ``train`` | ``val`` | ``test``."""
         if name not in ("train", "val", "test"):
