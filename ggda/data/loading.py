@@ -97,11 +97,17 @@ def package_file(package: str, relative: str) -> Path:
 
 
 def resolve_count(
-    key: str, value: Any, available: int, holds: str, fix: str = "", lo: int = 1
+    key: str,
+    value: Any,
+    available: int,
+    holds: str,
+    fix: str = "",
+    lo: int = 1,
+    base: int | None = None,
 ) -> int | None:
     """A split size: None (all), an integer in [lo, available] or a fraction in (0, 1).
 
-    A fraction is of ``available`` (rounded, at least 1).
+    A fraction is of ``base`` (default ``available``), rounded, at least 1.
 
     Args:
         key: config key (for the error).
@@ -116,7 +122,7 @@ def resolve_count(
     if value is None:
         return None
     if isinstance(value, float) and 0 < value < 1:
-        value = max(1, round(value * available))
+        value = max(1, round(value * (available if base is None else base)))
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -176,7 +182,11 @@ def split_with_fixed_test(
     """
     holds = f"{source} holds {n_pool} training-part points ({n_test} in its test part)"
     num_val = resolve_count(
-        "dataset.num_val", num_val, n_pool - 1, holds + ", and at least 1 must be left to train"
+        "dataset.num_val",
+        num_val,
+        n_pool - 1,
+        holds + ", and at least 1 must be left to train",
+        base=n_pool,
     )
     perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed))
     va = perm[:num_val].sort().values
@@ -227,6 +237,7 @@ def split_pool(
         n - 2,
         holds + ", and validation + test + at least 1 training point must fit",
         " (or `dataset.num_test`)",
+        base=n,
     )
     if num_test is None:
         raise ConfigError(
@@ -241,6 +252,7 @@ def split_pool(
         n - num_val - 1,
         holds + f"; {num_val} go to validation and at least 1 must be left to train",
         " (or `dataset.num_val`)",
+        base=n,
     )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     va, te, rest = perm[:num_val], perm[num_val : num_val + num_test], perm[num_val + num_test :]

@@ -42,7 +42,8 @@ MISSING_CATEGORY = "<missing>"
 
 
 def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
+    same_case = [o for o in options if o.lower() == name.lower()]
+    close = same_case or difflib.get_close_matches(name, options, n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
