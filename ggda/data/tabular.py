@@ -20,6 +20,11 @@ so they are not fed to the model as numbers. The treatment:
 
 Everything learned from the data (medians, which indicators exist, mean/std) uses the
 training split only.
+
+The file is checked before use: all 23 FICO feature columns (missing ones are named), a
+pandas index column ``Unnamed: *`` left out with a notice, any other column an error
+unless listed in ``extra_features`` or ``ignore_columns``; a bad cell or label is reported
+with its line number.
 """
 
 from __future__ import annotations
