@@ -29,6 +29,7 @@ from ggda.callbacks.checkpoint import EpochCheckpoint
 from ggda.data.datamodule import BundleDataModule
 from ggda.errors import GGDAError
 from ggda.io import atomic_write_json, diff_keys, stable_hash
+from ggda.models.custom import check_net, net_factory
 from ggda.models.module import GGDAModule
 from ggda.models.store import ModelStore
 from ggda.models.training import Recipe
@@ -69,7 +70,7 @@ def build_recipe(model_cfg: DictConfig) -> Recipe:
     m = OmegaConf.to_container(model_cfg, resolve=True)
     o = m.get("optim", {})
     return Recipe(
-        net_factory=build(m["net"]),
+        net_factory=net_factory(m["net"], build),
         optimizer=o.get("name", "sgd"),
         lr=o.get("lr", 0.05),
         momentum=o.get("momentum", 0.0),
@@ -245,8 +246,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bundle = build(cfg.dataset).load()
     bundle.name = cfg.dataset.name
     t_data = time.perf_counter() - t0
+    atomic_write_json(run_dir / "data.json", bundle.summary())
     recipe = build_recipe(cfg.model)
     net = recipe.build_net(bundle.input_shape, bundle.num_classes)
+    check_net(net, bundle.x_train[:2], bundle.num_classes)
     module = GGDAModule(net, recipe)
     grouper = build(cfg.grouping)
     if grouper.groups is not None:

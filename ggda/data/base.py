@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ggda.errors import GGDAError, check_float, check_int
+from ggda.errors import ConfigError, GGDAError, check_float, check_int
 
 
 @dataclass
@@ -46,6 +46,22 @@ class DataBundle:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def summary(self) -> dict:
+        """Sizes, shapes and what the loader recorded (class names, features, files), as
+        JSON-serialisable values (written to the run directory's ``data.json``)."""
+        return {
+            "name": self.name,
+            "n_train": self.n_train,
+            "n_val": int(self.y_val.shape[0]),
+            "n_test": int(self.y_test.shape[0]),
+            "num_queries": int(self.query_idx.numel()),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "input_dtype": str(self.x_train.dtype).replace("torch.", ""),
+            "label_noise_flipped": 0 if self.noise_mask is None else int(self.noise_mask.sum()),
+            **{k: v for k, v in self.meta.items() if k != "vocab"},
+        }
+
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of split ``train`` | ``val`` | ``test``."""
         if name not in ("train", "val", "test"):
@@ -76,7 +92,12 @@ def split_indices(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded random disjoint (train, val, test) index sets of the given sizes."""
     if sum(sizes) > n:
-        raise GGDAError(f"split sizes {sizes} add up to more than the {n} available points")
+        raise GGDAError(
+            f"dataset.num_train + num_val + num_test = {' + '.join(map(str, sizes))} = "
+            f"{sum(sizes)} is more than the {n} points the data set holds; lower "
+            "`dataset.num_train` (or num_val / num_test) so that they add up to at most "
+            f"{n}"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     a, b, c = sizes
     return perm[:a], perm[a : a + b], perm[a + b : a + b + c]
@@ -84,6 +105,14 @@ def split_indices(
 
 def choose_queries(n_test: int, num_queries: int, seed: int) -> torch.Tensor:
     """A fixed seeded subset of test indices, sorted (so the order is stable)."""
+    if isinstance(num_queries, int) and not isinstance(num_queries, bool) and num_queries > n_test:
+        raise ConfigError(
+            "dataset.num_queries",
+            num_queries,
+            f"an integer in [1, {n_test}]",
+            f"The test split holds {n_test} points; lower `dataset.num_queries` to at most "
+            f"{n_test} (or raise `dataset.num_test` if the data holds more).",
+        )
     num_queries = check_int("dataset.num_queries", num_queries, 1, n_test)
     g = torch.Generator().manual_seed(seed + 7919)
     return torch.randperm(n_test, generator=g)[:num_queries].sort().values

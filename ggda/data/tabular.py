@@ -20,10 +20,16 @@ so they are not fed to the model as numbers. The treatment:
 
 Everything learned from the data (medians, which indicators exist, mean/std) uses the
 training split only.
+
+The file is checked before use: all 23 FICO feature columns (missing ones are named), a
+pandas index column ``Unnamed: *`` left out with a notice, any other column an error
+unless listed in ``extra_features`` or ``ignore_columns``; a bad cell or label is reported
+with its line number.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,7 @@ import torch
 
 from ggda.data.base import DataBundle
 from ggda.data.bundled import TensorDataset
+from ggda.data.files import read_table
 from ggda.data.loading import assemble, data_file_error, find_file, package_file, split_pool
 from ggda.errors import check_float, check_int
 
@@ -45,6 +52,33 @@ HELOC_FORMAT = (
     "feature columns"
 )
 SPECIAL_CODES = (-7, -8, -9)
+log = logging.getLogger(__name__)
+# The 23 predictor columns of heloc_dataset_v1.csv, in the file's order.
+FICO_FEATURES = (
+    "ExternalRiskEstimate",
+    "MSinceOldestTradeOpen",
+    "MSinceMostRecentTradeOpen",
+    "AverageMInFile",
+    "NumSatisfactoryTrades",
+    "NumTrades60Ever2DerogPubRec",
+    "NumTrades90Ever2DerogPubRec",
+    "PercentTradesNeverDelq",
+    "MSinceMostRecentDelq",
+    "MaxDelq2PublicRecLast12M",
+    "MaxDelqEver",
+    "NumTotalTrades",
+    "NumTradesOpeninLast12M",
+    "PercentInstallTrades",
+    "MSinceMostRecentInqexcl7days",
+    "NumInqLast6M",
+    "NumInqLast6Mexcl7days",
+    "NetFractionRevolvingBurden",
+    "NetFractionInstallBurden",
+    "NumRevolvingTradesWBalance",
+    "NumInstallTradesWBalance",
+    "NumBank2NatlTradesWHighUtilization",
+    "PercentTradesWBalance",
+)
 
 
 def heloc_features(
@@ -99,6 +133,9 @@ class HELOCFile:
         split_seed: seed of the split and the queries.
         label_noise: fraction of training labels flipped.
         noise_seed: seed of the flips.
+        extra_features: numeric columns besides the 23 FICO features to use as features.
+        ignore_columns: columns besides them to leave out (any other column is an error;
+            a pandas index column ``Unnamed: *`` is left out with a notice).
     """
 
     def __init__(
@@ -113,7 +150,11 @@ class HELOCFile:
         split_seed: int = 0,
         label_noise: float = 0.0,
         noise_seed: int = 0,
+        extra_features: list[str] | None = None,
+        ignore_columns: list[str] | None = None,
     ) -> None:
+        self.extra_features = [str(c) for c in (extra_features or [])]
+        self.ignore_columns = [str(c) for c in (ignore_columns or [])]
         self.data_dir = str(data_dir)
         self.name = name
         self.file = file
@@ -132,31 +173,82 @@ class HELOCFile:
         def bad(problem: str) -> Exception:
             return data_file_error(path, problem, self.data_dir, HELOC_FORMAT, HELOC_SOURCE)
 
-        try:
-            df = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise bad(f"cannot be parsed as CSV ({e})") from e
+        # Empty, header-only, unparseable and truncated files fail here, with the line.
+        df, loc = read_table(path, ",")
         if "RiskPerformance" not in df.columns:
             raise bad(f"has no RiskPerformance column (columns: {list(df.columns)[:6]}...)")
         labels = df.pop("RiskPerformance").astype(str).str.strip()
-        unknown = sorted(set(labels) - {"Good", "Bad"})
-        if unknown:
-            raise bad(f"has RiskPerformance values {unknown[:5]} (expected Good or Bad)")
-        if df.shape[1] == 0:
-            raise bad("has no feature columns")
-        non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-        if non_numeric or df.isna().any().any():
-            what = non_numeric or list(df.columns[df.isna().any()])
-            raise bad(f"has non-numeric or empty values in columns {what[:5]}")
+        ok = labels.isin(["Good", "Bad"]).to_numpy()
+        if not ok.all():
+            unknown = sorted(set(labels[~ok]))
+            i = int(np.flatnonzero(~ok)[0])
+            raise bad(
+                f"has RiskPerformance values {unknown[:5]} (first at {loc.where(i)}; expected "
+                "Good or Bad)"
+            )
+        df = self._select_columns(df, path, bad)
+        for c in df.columns:
+            num = pd.to_numeric(df[c], errors="coerce")
+            broken = num.isna().to_numpy()
+            if broken.any():
+                i = int(np.flatnonzero(broken)[0])
+                cell = df[c].iloc[i]
+                what = "is empty" if pd.isna(cell) else f"holds {cell!r}"
+                raise bad(
+                    f"{loc.where(i)}, column {c!r} {what} ({int(broken.sum())} such cells in "
+                    "the column); expected a number (FICO codes special values as -7, -8, -9). "
+                    "Repair the cells or the file"
+                )
+            df[c] = num
         x = df.to_numpy(dtype=np.float64)
         y = (labels == "Bad").to_numpy().astype(np.int64)
         keep = ~(x == -9).all(axis=1)
+        if not keep.any():
+            raise bad(
+                f"0 rows left after dropping rows where every feature is -9 (no credit bureau "
+                f"record): all {len(x)} data rows of the file are such rows"
+            )
+        self._rows = (len(x), int(keep.sum()))
         return x[keep], y[keep], list(df.columns), int((~keep).sum())
+
+    def _select_columns(self, df: pd.DataFrame, path: Path, bad) -> pd.DataFrame:
+        """The 23 FICO features (+ ``extra_features``), index columns dropped, others checked."""
+        cols = list(df.columns)
+        index_cols = [c for c in cols if c.startswith("Unnamed: ")]
+        if index_cols:
+            log.warning(
+                "%s: ignoring the column(s) %s (an index written by pandas, not a HELOC feature)",
+                path,
+                index_cols,
+            )
+        missing = [c for c in (*FICO_FEATURES, *self.extra_features) if c not in cols]
+        if missing:
+            raise bad(
+                f"lacks the feature column(s) {missing} (of the 23 FICO HELOC features"
+                f"{' and dataset.extra_features' if self.extra_features else ''}); use the "
+                "complete file"
+            )
+        known = {*FICO_FEATURES, *self.extra_features, *self.ignore_columns, *index_cols}
+        unknown = [c for c in cols if c not in known]
+        if unknown:
+            raise bad(
+                f"has column(s) {unknown} that are not among the 23 FICO HELOC features. "
+                f"List them in `dataset.extra_features` to use them as features, or in "
+                f"`dataset.ignore_columns` to leave them out"
+            )
+        return df[[*FICO_FEATURES, *self.extra_features]].copy()
 
     def load(self) -> DataBundle:
         x, y, columns, dropped = self.read()
+        total, kept = self._rows
         tr, va, te = split_pool(
-            len(y), self.num_train, self.num_val, self.num_test, self.split_seed
+            len(y),
+            self.num_train,
+            self.num_val,
+            self.num_test,
+            self.split_seed,
+            f"{self.file} holds {total} rows, {kept} after dropping the {dropped} where every "
+            "feature is -9",
         )
         tr, va, te = tr.numpy(), va.numpy(), te.numpy()
         f_tr, (f_va, f_te), names = heloc_features(x[tr], [x[va], x[te]], columns)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ggda.data.tabular import FICO_FEATURES
+
 
 def images(n: int, c: int, side: int, first_id: int, seed: int) -> np.ndarray:
     """(n, c, side, side) uint8 random images with the 0/255 anchors and the id pixel."""
@@ -88,24 +90,28 @@ def write_cifar(root: Path, per_batch: int = 6, n_test: int = 10) -> dict:
     }
 
 
-HELOC_COLUMNS = ["ExternalRiskEstimate", "MSinceMostRecentDelq", "NumTrades", "PercentBurden"]
+HELOC_COLUMNS = list(FICO_FEATURES)
 
 
 def heloc_rows(n: int, seed: int = 0) -> list[list]:
-    """Rows [RiskPerformance, 4 features] with -7/-8 codes in two features; every tenth
-    row is an 'all -9' row (no bureau record)."""
+    """Rows [RiskPerformance, the 23 FICO features] with -7 codes in MSinceMostRecentDelq
+    and -8 in NetFractionRevolvingBurden; every tenth row is an 'all -9' row (no bureau
+    record). Bad <=> ExternalRiskEstimate < 70."""
     rng = np.random.default_rng(seed)
+    delq = HELOC_COLUMNS.index("MSinceMostRecentDelq")
+    burden = HELOC_COLUMNS.index("NetFractionRevolvingBurden")
     rows = []
     for i in range(n):
         if i % 10 == 9:
-            rows.append(["Bad" if i % 2 else "Good", -9, -9, -9, -9])
+            rows.append(["Bad" if i % 2 else "Good", *([-9] * len(HELOC_COLUMNS))])
             continue
-        ext = int(rng.integers(40, 95))
-        delq = int(rng.integers(0, 80)) if i % 4 else -7  # -7: never delinquent
-        trades = int(rng.integers(1, 60))
-        burden = int(rng.integers(0, 100)) if i % 5 else -8
-        label = "Bad" if ext < 70 else "Good"
-        rows.append([label, ext, delq, trades, burden])
+        feats = [int(v) for v in rng.integers(0, 100, size=len(HELOC_COLUMNS))]
+        feats[0] = ext = int(rng.integers(40, 95))
+        if i % 4 == 0:
+            feats[delq] = -7  # never delinquent
+        if i % 5 == 0:
+            feats[burden] = -8
+        rows.append(["Bad" if ext < 70 else "Good", *feats])
     return rows
 
 

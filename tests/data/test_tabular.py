@@ -7,6 +7,7 @@ from data_formats import HELOC_COLUMNS, heloc_rows, write_heloc
 
 from ggda.data.loading import DataFileError
 from ggda.data.tabular import GermanCredit, HELOCFile, heloc_features
+from ggda.errors import ConfigError
 
 
 def test_heloc_special_values_brute_force():
@@ -38,8 +39,8 @@ def test_heloc_file_loads_with_training_statistics(tmp_path):
     assert b.n_train + b.x_val.shape[0] + b.x_test.shape[0] == len(kept)
     assert b.num_classes == 2 and b.meta["classes"] == ["Good", "Bad"]
     names = b.meta["features"]
-    assert names[:4] == HELOC_COLUMNS and "MSinceMostRecentDelq==-7" in names
-    assert "PercentBurden==-8" in names and not any(n.endswith("==-9") for n in names)
+    assert names[:23] == HELOC_COLUMNS and "MSinceMostRecentDelq==-7" in names
+    assert "NetFractionRevolvingBurden==-8" in names and not any(n.endswith("==-9") for n in names)
     assert b.x_train.shape[1] == len(names) and b.x_train.dtype == torch.float32
     # Standardised with training statistics.
     assert torch.allclose(b.x_train.mean(0), torch.zeros(len(names)), atol=1e-5)
@@ -53,23 +54,92 @@ def test_heloc_file_loads_with_training_statistics(tmp_path):
     assert sub.n_train == 20 and torch.equal(sub.y_test, b.y_test)
 
 
+def _heloc(tmp_path, **kw):
+    kw = {"num_val": 4, "num_test": 4, "num_queries": 2} | kw
+    return HELOCFile(str(tmp_path), **kw)
+
+
+def _write_frame(path, header, rows):
+    path.write_text("\n".join([",".join(header), *(",".join(map(str, r)) for r in rows)]) + "\n")
+
+
+HEADER = ["RiskPerformance", *HELOC_COLUMNS]
+
+
 def test_heloc_missing_and_malformed(tmp_path):
     with pytest.raises(DataFileError) as e:
-        HELOCFile(str(tmp_path), num_val=2, num_test=2, num_queries=1).load()
+        _heloc(tmp_path).load()
     msg = str(e.value)
     assert "heloc_dataset_v1.csv" in msg and f"paths.data_dir={tmp_path}" in msg
     assert "RiskPerformance" in msg and "fico" in msg.lower()
     p = tmp_path / "heloc_dataset_v1.csv"
-    p.write_text("Risk,ExternalRiskEstimate\nGood,50\n")
+    rows = heloc_rows(30)
+    _write_frame(p, ["Risk", *HELOC_COLUMNS], rows)
     with pytest.raises(DataFileError, match="no RiskPerformance column"):
-        HELOCFile(str(tmp_path), num_val=2, num_test=2, num_queries=1).load()
-    p.write_text("RiskPerformance,ExternalRiskEstimate\nGood,50\nMaybe,60\n")
-    with pytest.raises(DataFileError, match="Maybe"):
-        HELOCFile(str(tmp_path), num_val=2, num_test=2, num_queries=1).load()
-    p.write_text("RiskPerformance,ExternalRiskEstimate\nGood,50\nBad,high\n")
-    with pytest.raises(DataFileError, match="non-numeric") as e:
-        HELOCFile(str(tmp_path), num_val=2, num_test=2, num_queries=1).load()
+        _heloc(tmp_path).load()
+    bad = [list(r) for r in rows]
+    bad[5][0] = "Maybe"
+    _write_frame(p, HEADER, bad)
+    with pytest.raises(DataFileError, match=r"'Maybe'.*first at line 7"):
+        _heloc(tmp_path).load()
+    bad = [list(r) for r in rows]
+    bad[3][11] = "high"  # MaxDelqEver of data row 4 = line 5
+    _write_frame(p, HEADER, bad)
+    with pytest.raises(DataFileError, match=r"line 5, column 'MaxDelqEver' holds 'high'") as e:
+        _heloc(tmp_path).load()
     assert str(p) in str(e.value)
+
+
+def test_heloc_checks_the_23_fico_columns(tmp_path, caplog):
+    p = tmp_path / "heloc_dataset_v1.csv"
+    rows = heloc_rows(40)
+    j = HEADER.index("MaxDelqEver")
+    _write_frame(p, HEADER[:j] + HEADER[j + 1 :], [r[:j] + r[j + 1 :] for r in rows])
+    with pytest.raises(DataFileError, match=r"lacks the feature column\(s\) \['MaxDelqEver'\]"):
+        _heloc(tmp_path).load()
+    # A pandas index column is left out with a notice: the all -9 rows are still dropped.
+    _write_frame(p, ["Unnamed: 0", *HEADER], [[i, *r] for i, r in enumerate(rows)])
+    with caplog.at_level("WARNING"):
+        b = _heloc(tmp_path).load()
+    assert "Unnamed: 0" in caplog.text and "Unnamed: 0" not in b.meta["features"]
+    assert b.meta["dropped_no_record"] == 4 and b.n_train == 36 - 8
+    # Any other column is an error unless listed.
+    _write_frame(p, [*HEADER, "Zip"], [[*r, 100 + i] for i, r in enumerate(rows)])
+    with pytest.raises(DataFileError, match=r"\['Zip'\].*extra_features.*ignore_columns"):
+        _heloc(tmp_path).load()
+    assert "Zip" not in _heloc(tmp_path, ignore_columns=["Zip"]).load().meta["features"]
+    b = _heloc(tmp_path, extra_features=["Zip"]).load()
+    assert b.meta["features"][23] == "Zip" and b.x_train.shape[1] == len(b.meta["features"])
+
+
+def test_heloc_empty_truncated_and_all_no_record(tmp_path):
+    p = tmp_path / "heloc_dataset_v1.csv"
+    _write_frame(p, HEADER, [])
+    with pytest.raises(DataFileError, match="has a header row .* but no data rows"):
+        _heloc(tmp_path).load()
+    _write_frame(p, HEADER, [["Good", *([-9] * 23)] for _ in range(12)])
+    with pytest.raises(
+        DataFileError, match="0 rows left after dropping rows where every feature is -9"
+    ):
+        _heloc(tmp_path).load()
+    rows = heloc_rows(20)
+    _write_frame(p, HEADER, rows)
+    text = p.read_text()
+    p.write_text(text[: text.rindex(",", 0, len(text) - 30)])  # cut inside the last row
+    with pytest.raises(DataFileError, match=r"line 21 has \d+ fields but the header has 24"):
+        _heloc(tmp_path).load()
+
+
+def test_heloc_size_errors_say_what_the_file_holds(tmp_path):
+    write_heloc(tmp_path / "heloc_dataset_v1.csv", heloc_rows(60))
+    with pytest.raises(ConfigError) as e:
+        _heloc(tmp_path, num_val=5000).load()
+    msg = str(e.value)
+    assert "dataset.num_val` = 5000" in msg and "[1, 52]" in msg
+    assert "holds 60 rows, 54 after dropping the 6 where every feature is -9" in msg
+    assert "lower `dataset.num_val`" in msg
+    with pytest.raises(ConfigError, match=r"num_train` = 100 .*\[1, 46\].*46 are left"):
+        _heloc(tmp_path, num_train=100).load()
 
 
 def test_german_credit_bundled():
