@@ -61,7 +61,7 @@ def image_data(shape: tuple[int, int, int], n: int, m: int, seed: int):
     from ggda.data.synthetic_images import SyntheticImages
 
     b = SyntheticImages(
-        shape=list(shape), num_train=n, num_val=10, num_test=m, num_queries=m, seed=seed
+        shape=list(shape), num_train=n, num_val=10, num_test=m, num_queries=m, data_seed=seed
     ).load()
     return b.x_train, b.y_train, b.x_test[:m], b.y_test[:m], b.num_classes
 
