@@ -169,7 +169,7 @@ def factor_elems(
 ) -> int:
     """Entries of the captured factors (a and g) for one point."""
     fs, _ = capture_factors(model, params, x1, y1, fn)
-    return max(1, sum(f.a.numel() + f.g.numel() for f in fs))
+    return max(1, sum(f.a_numel + f.g.numel() for f in fs))
 
 
 def _vmap_group_fn(model: nn.Module, fn: Fn):

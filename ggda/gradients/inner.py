@@ -59,7 +59,7 @@ def _plan(tf: LayerFactors, qf: LayerFactors, n: int, k: int, m: int) -> str:
         ghost = n * t * tf.g.shape[-1] * m
         mat = k * m * p_w + n * t * tf.g.shape[-1]
     else:
-        ghost = n * m * t * tq * (tf.a.shape[-1] + tf.g.shape[-1])
+        ghost = n * m * t * tq * (tf.a_width + tf.g.shape[-1])
         mat = k * m * p_w + n * t * p_w
     return "ghost" if ghost < mat else "materialise"
 
@@ -170,7 +170,7 @@ def per_sample_inner_products(
     qprobe, _ = capture_factors(model, params, qx[:1].to(dev), qy[:1].to(dev), qfn)
     warn_fallback(model, rest)
     plans = {tf.name: _plan(tf, qf, n, kk, m) for tf, qf in zip(tprobe, qprobe, strict=True)}
-    per_point = max(1, sum(f.a.numel() + f.g.numel() for f in tprobe))
+    per_point = max(1, sum(f.a_numel + f.g.numel() for f in tprobe))
     budget = max(1, min(chunk, FACTOR_ELEMS // per_point))
     vmap_budget = max(1, min(chunk, VMAP_ACT_ELEMS // activation_elems(model, x[:1].to(dev))))
     rest_params = {nm: params[nm] for nm in rest}
@@ -178,13 +178,13 @@ def per_sample_inner_products(
     # query elements per query row, to size the query batches
     q_per = p_rest
     widest = max(
-        [p_rest] + [tf.a.shape[-1] * tf.g.shape[-1] for tf in tprobe if tf.kind != "embedding"]
+        [p_rest] + [tf.a_width * tf.g.shape[-1] for tf in tprobe if tf.kind != "embedding"]
     )
     for tf, qf in zip(tprobe, qprobe, strict=True):
         if plans[tf.name] == "materialise" or tf.kind == "embedding":
             q_per += _weight_numel(tf) + (tf.g.shape[-1] if tf.bias else 0)
         else:
-            q_per += qf.a.numel() + qf.g.numel() * (2 if tf.bias else 1)
+            q_per += qf.a_numel + qf.g.numel() * (2 if tf.bias else 1)
     mb = max(1, min(m, QUERY_ELEMS // max(1, q_per)))
     max_groups = max(1, GROUP_ELEMS // max(1, widest))
     out = torch.zeros(kk, m, dtype=dtype, device=dev)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,6 @@ Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KINDS = ("linear", "conv2d", "embedding", "norm")
 
 
-@dataclass
 class LayerFactors:
     """One supported layer's per-example factors from one batched forward/backward.
 
@@ -48,20 +46,53 @@ class LayerFactors:
         kind: ``linear`` | ``conv2d`` | ``embedding`` | ``norm``.
         a: linear (N, T, in) inputs; conv2d (N, T, C_in kh kw) unfolded patches in the
             column order of ``weight.reshape(C_out, -1)``; embedding (N, T) long ids;
-            norm (N, T, C) normalised inputs x_hat.
+            norm (N, T, C) normalised inputs x_hat. For conv2d it is unfolded lazily, on
+            first access: ``F.unfold`` costs far more than the layer's own backward, and
+            the group gradient does not need it (see :func:`group_layer_gradients`).
         g: (N, T, out) gradient of sum_i fn(z_i) w.r.t. the layer output per position
             (embedding: zero where the id is ``padding_idx``).
         weight: the weight's name in ``params`` when selected, else None.
         bias: the bias's name in ``params`` when selected, else None.
+        conv_uses: conv2d only: per use of the layer in the forward pass, its input
+            (N, C_in, H, W) and output gradient (N, C_out, H', W'); ``a`` is their unfold.
     """
 
-    name: str
-    module: nn.Module
-    kind: str
-    a: torch.Tensor
-    g: torch.Tensor
-    weight: str | None
-    bias: str | None
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        kind: str,
+        a: torch.Tensor | None,
+        g: torch.Tensor,
+        weight: str | None,
+        bias: str | None,
+        conv_uses: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        if a is None and not conv_uses:
+            raise ValueError("LayerFactors needs `a` or, for conv2d, `conv_uses`")
+        self.name, self.module, self.kind = name, module, kind
+        self._a, self.g, self.weight, self.bias = a, g, weight, bias
+        self.conv_uses = conv_uses
+
+    @property
+    def a(self) -> torch.Tensor:
+        """The layer-input factor (see the class docstring); conv patches on first use."""
+        if self._a is None:
+            n = self.g.shape[0]
+            self._a = torch.cat([_unfold(self.module, x, n) for x, _ in self.conv_uses], 1)
+        return self._a
+
+    @property
+    def a_width(self) -> int:
+        """Last dimension of ``a`` without forming it (embedding: 1, the token id)."""
+        if self.kind == "conv2d":
+            return self.module.in_channels * math.prod(self.module.kernel_size)
+        return 1 if self.kind == "embedding" else self._a.shape[-1]
+
+    @property
+    def a_numel(self) -> int:
+        """Entries of ``a`` without forming it."""
+        return self.g.shape[0] * self.g.shape[1] * self.a_width
 
     @property
     def positions(self) -> int:
@@ -82,7 +113,7 @@ class LayerFactors:
             return self.g.shape[-1]
         if self.kind == "norm":
             return 1
-        return self.a.shape[-1]
+        return self.a_width
 
 
 # -- rules: what a layer saw (a) and how its output gradient is laid out (g) --------------
@@ -125,15 +156,19 @@ class _Conv2d:
     def factor(mod, inp, out, gout, n):
         if inp.ndim == 3:  # unbatched (C, H, W) inside a caller's loop
             inp, gout = inp[None], gout[None]
-        # (N, C_in kh kw, L): channel-major columns, the order of weight.reshape(C_out, -1)
-        patches = F.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-        a = patches.transpose(1, 2).reshape(n, -1, patches.shape[1])
         g = gout.flatten(2).transpose(1, 2).reshape(n, -1, mod.out_channels)
-        return a, g
+        return None, g, (inp, gout)
 
     @staticmethod
     def widths(mod):
         return mod.in_channels * math.prod(mod.kernel_size), mod.out_channels
+
+
+def _unfold(mod: nn.Conv2d, inp: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, C_in, H, W) -> (N, L, C_in kh kw) patches, channel-major columns (the order of
+    ``weight.reshape(C_out, -1)``)."""
+    patches = F.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+    return patches.transpose(1, 2).reshape(n, -1, patches.shape[1])
 
 
 class _Embedding:
@@ -355,12 +390,13 @@ def capture_factors(
     p0 = next(iter(params.values()))
     for i in keep_layers:
         mname, mod, rule, w, b = layers[i]
-        a_parts, g_parts = [], []
+        a_parts, g_parts, uses = [], [], []
         for (inp, out), gout in zip(seen[i], per_layer_grads[i], strict=True):
             gout = torch.zeros_like(out) if gout is None else gout.detach()
-            a_, g_ = rule.factor(mod, inp, out.detach(), gout, n)
+            a_, g_, *raw = rule.factor(mod, inp, out.detach(), gout, n)
             a_parts.append(a_)
             g_parts.append(g_)
+            uses += raw  # conv2d: (input, output gradient), unfolded only when asked
         if not a_parts:  # the layer took no part in the forward pass: zero gradient
             wa, wg = rule.widths(mod)
             if wa is None:
@@ -368,8 +404,10 @@ def capture_factors(
             else:
                 a_parts = [torch.zeros(n, 1, wa, dtype=p0.dtype, device=p0.device)]
             g_parts = [torch.zeros(n, 1, wg, dtype=p0.dtype, device=p0.device)]
+            uses = []
+        a = None if uses else torch.cat(a_parts, 1)
         res.append(
-            LayerFactors(mname, mod, rule.kind, torch.cat(a_parts, 1), torch.cat(g_parts, 1), w, b)
+            LayerFactors(mname, mod, rule.kind, a, torch.cat(g_parts, 1), w, b, uses or None)
         )
     return res, rest
 
@@ -404,7 +442,9 @@ def group_layer_gradients(f: LayerFactors, slot: torch.Tensor, c: int) -> dict[s
     n, t = g.shape[:2]
     if f.weight is not None:
         wshape = f.module.weight.shape
-        if f.kind in ("linear", "conv2d"):
+        if f.conv_uses:
+            out[f.weight] = _conv_group_weight_grad(f, slot, c)
+        elif f.kind in ("linear", "conv2d"):
             gp, ap, _ = _pad_by_group(slot, c, g, f.a)
             w = torch.bmm(gp.transpose(1, 2), ap)  # (c, out, in')
             out[f.weight] = w.reshape(c, *wshape)
@@ -421,6 +461,35 @@ def group_layer_gradients(f: LayerFactors, slot: torch.Tensor, c: int) -> dict[s
         per = g.sum(1)
         out[f.bias] = per.new_zeros(c, per.shape[1]).index_add_(0, slot, per)
     return out
+
+
+def _conv_group_weight_grad(f: LayerFactors, slot: torch.Tensor, c: int) -> torch.Tensor:
+    """Per-group conv weight gradients (c, C_out, C_in, kh, kw) without unfolding.
+
+    The points are laid out group-major and zero-padded to the largest group size s, then
+    the c groups become the channel groups of one grouped convolution's weight gradient:
+    input (s, c C_in, H, W), output gradient (s, c C_out, H', W'), ``groups = c`` gives
+    sum over a group's points and positions of g_t a_t^T for each group at once, which is
+    the layer's own (fast, im2col-free) weight backward. Zero padding adds nothing.
+    """
+    mod = f.module
+    total = None
+    for inp, gout in f.conv_uses:
+        xp, gp, s = _pad_by_group(slot, c, inp.flatten(1)[:, None], gout.flatten(1)[:, None])
+        xp = xp.reshape(c, s, *inp.shape[1:]).transpose(0, 1).reshape(s, -1, *inp.shape[2:])
+        gp = gp.reshape(c, s, *gout.shape[1:]).transpose(0, 1).reshape(s, -1, *gout.shape[2:])
+        w = torch.nn.grad.conv2d_weight(
+            xp,
+            (c * mod.out_channels, mod.in_channels, *mod.kernel_size),
+            gp,
+            stride=mod.stride,
+            padding=mod.padding,
+            dilation=mod.dilation,
+            groups=c,
+        )
+        w = w.reshape(c, *mod.weight.shape)
+        total = w if total is None else total + w
+    return total
 
 
 def _pad_by_group(slot: torch.Tensor, c: int, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
