@@ -23,13 +23,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ggda import tracking
-from ggda.attribution.base import Checkpoint
-from ggda.callbacks.base import GGDACallback, RunContext
-from ggda.callbacks.checkpoint import EpochCheckpoint
-from ggda.data.datamodule import BundleDataModule
-from ggda.errors import GGDAError
+from ggda.errors import ConfigError, GGDAError
 from ggda.io import atomic_write_json, diff_keys, stable_hash
-from ggda.models.module import GGDAModule
+from ggda.lightning.callbacks.base import GGDACallback, RunContext
+from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
+from ggda.lightning.datamodule import BundleDataModule
+from ggda.lightning.module import GGDAModule
+from ggda.models.checkpoint import Checkpoint
 from ggda.models.store import ModelStore
 from ggda.models.training import Recipe
 
@@ -65,22 +65,35 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def build_recipe(model_cfg: DictConfig) -> Recipe:
-    """The training recipe from the ``model`` config group."""
+    """The training recipe from the ``model`` config group.
+
+    ``optim`` and ``scheduler`` are ``_target_`` nodes built as partials (the recipe calls
+    them with the parameters / the optimizer); keys the node omits keep :class:`Recipe`'s
+    defaults.
+    """
     m = OmegaConf.to_container(model_cfg, resolve=True)
-    o = m.get("optim", {})
-    return Recipe(
-        net_factory=build(m["net"]),
-        optimizer=o.get("name", "sgd"),
-        lr=o.get("lr", 0.05),
-        momentum=o.get("momentum", 0.0),
-        weight_decay=o.get("weight_decay", 0.0),
-        scheduler=o.get("scheduler", "none"),
-        step_gamma=o.get("step_gamma", 0.1),
-        step_every=o.get("step_every", 10),
-        epochs=m["epochs"],
-        batch_size=m["batch_size"],
-        save_epochs=list(m.get("save_epochs", [])),
-    )
+    kw: dict[str, Any] = {k: m[k] for k in ("epochs", "batch_size", "save_epochs") if k in m}
+    for key, arg in (("optim", "optimizer"), ("scheduler", "scheduler")):
+        node = m.get(key)
+        if node is None:
+            continue
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(
+                f"model.{key}",
+                node,
+                "a node with a `_target_` (e.g. `{_target_: torch.optim.SGD, lr: 0.05}`)",
+                "See conf/model/mlp.yaml.",
+            )
+        try:
+            kw[arg] = build(node, _partial_=True)
+        except (InstantiationException, ImportError, AttributeError) as e:
+            raise ConfigError(
+                f"model.{key}._target_",
+                node["_target_"],
+                "an importable class such as torch.optim.SGD or torch.optim.lr_scheduler.StepLR",
+                f"({type(e).__name__})",
+            ) from None
+    return Recipe(net_factory=build(m["net"]), **kw)
 
 
 def cache_keys(

@@ -135,7 +135,9 @@ def test_bad_numbers_name_key_value_and_range(tmp_path, override, key):
         ("model.optim.lr=-1", "model.optim.lr"),
         ("model.epochs=0", "model.epochs"),
         ("model.batch_size=0", "model.batch_size"),
-        ("model.optim.name=rmsprop", "model.optim.name"),
+        ("model.optim._target_=torch.optim.NoSuchOptimizer", "model.optim._target_"),
+        ("model.optim.weight_decay=-1", "model.optim"),
+        ("+model.optim.nesterov_typo=true", "model.optim"),
     ],
 )
 def test_bad_recipe_values(tmp_path, override, key):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -12,26 +12,32 @@ from torch import nn
 from ggda.attribution.gradients import iter_group_gradients
 from ggda.attribution.properties import PropertyExamples
 from ggda.grouping.base import Grouping
+from ggda.models.checkpoint import Checkpoint
 from ggda.models.functional import per_example_loss
 
 if TYPE_CHECKING:
     from ggda.data.base import DataBundle
-    from ggda.evaluation.retrain import RetrainService
+    from ggda.models.training import Recipe
 
 
-@dataclass
-class Checkpoint:
-    """One saved state of the base model.
+class Retrainer(Protocol):
+    """What a retraining method needs of the retrain service (``ggda.evaluation.retrain``).
+
+    Declared here, structurally, so that attribution does not import evaluation.
 
     Attributes:
-        state_dict: the net's weights.
-        lr: learning rate in force when the checkpoint was taken (TracIn's eta_t).
-        epoch: 1-based epoch after which it was saved.
+        recipe: the base model's training recipe.
+        stats: counters; ``retrains_run`` is the number of models trained (not cached).
     """
 
-    state_dict: dict[str, torch.Tensor]
-    lr: float
-    epoch: int
+    recipe: Recipe
+    stats: dict[str, int]
+
+    def run(
+        self, masks: torch.Tensor, seeds: list[int], desc: str = ...
+    ) -> dict[str, torch.Tensor]:
+        """Train on each mask (s, n) with each seed; logits per split (s, R, rows, C)."""
+        ...
 
 
 @dataclass
@@ -62,7 +68,7 @@ class AttributionTask:
     queries: PropertyExamples
     device: torch.device | str = "cpu"
     ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
-    retrain: RetrainService | None = None
+    retrain: Retrainer | None = None
     prop: Any = None
     bundle: DataBundle | None = None
 

@@ -19,9 +19,8 @@ import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
 from ggda.errors import ConfigError, GGDAError, check_int
-from ggda.evaluation.lds import retrain_seeds
 from ggda.models.functional import per_example_loss
-from ggda.models.training import train_lean
+from ggda.models.training import retrain_seeds, train_lean
 
 
 class GroupLOO(Attributor):

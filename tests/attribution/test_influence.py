@@ -1,5 +1,7 @@
 """Influence functions: group = M^T per-sample; solvers agree; brute-force loops; vs LOO."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -185,10 +187,7 @@ def test_group_if_tracks_group_loo_on_damped_logistic_regression(tmp_path):
     bundle = tiny_bundle(n=n, seed=3)
     recipe = Recipe(
         net_factory=LogisticRegression,
-        optimizer="sgd",
-        lr=0.5,
-        momentum=0.9,
-        weight_decay=wd,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=wd),
         epochs=300,
         batch_size=n,  # full batch: deterministic GD to the regularised optimum
     )

@@ -1,9 +1,9 @@
 """Thin Lightning callbacks over the library: checkpoints, attribution, evaluation."""
 
-from ggda.callbacks.attribution import GroupAttributionCallback
-from ggda.callbacks.base import GGDACallback, RunContext
-from ggda.callbacks.checkpoint import EpochCheckpoint
-from ggda.callbacks.evaluation import EvaluationCallback
+from ggda.lightning.callbacks.attribution import GroupAttributionCallback
+from ggda.lightning.callbacks.base import GGDACallback, RunContext
+from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
+from ggda.lightning.callbacks.evaluation import EvaluationCallback
 
 __all__ = [
     "EpochCheckpoint",

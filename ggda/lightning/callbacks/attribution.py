@@ -15,11 +15,11 @@ import torch
 
 from ggda import tracking
 from ggda.attribution.base import AttributionResult, AttributionTask, check_finite_scores
-from ggda.callbacks.base import GGDACallback
 from ggda.errors import GGDAError
 from ggda.faults import maybe_fail
 from ggda.grouping.base import Grouping, GroupingInputs
 from ggda.io import atomic_torch_save, load_or_none, save_artifact
+from ggda.lightning.callbacks.base import GGDACallback
 
 log = logging.getLogger(__name__)
 
