@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ggda import tracking
 from ggda.errors import ConfigError, GGDAError
+from ggda.evaluation.base import metric_namespaces
 from ggda.io import atomic_write_json, diff_keys, stable_hash
 from ggda.lightning.callbacks.base import GGDACallback, RunContext
 from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
@@ -359,7 +360,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _print_summary(run_dir: Path, m: dict[str, Any]) -> None:
     lines = [f"ggda results ({run_dir}):"]
     for key in sorted(m):
-        if key.split("/")[0] in ("lds", "pruning", "noisy_labels", "loo") and key.endswith("mean"):
+        if key.split("/")[0] in metric_namespaces() and key.endswith("mean"):
             lines.append(f"  {key:<28s} {m[key]:.4f}")
     for key in ("time/attribution", "time/grouping", "time/total"):
         if key in m:

@@ -96,15 +96,18 @@ class AttributionTask:
 
 @dataclass
 class AttributionResult:
-    """Scores (k, m), oriented (train side, query side); positive = the group helps.
+    """What a method returns.
 
-    ``aggregation`` is ``sum`` (tau_j is the sum over members) or ``mean``.
+    Attributes:
+        scores: (k, m) group scores tau_{jq}, oriented (train side, query side); a group's
+            score is the sum of its members' contributions; positive = the group helps.
+        timings: seconds per phase (``gradients``, ``solve``, ...).
+        info: scalars describing the run (number of parameters, retrains, ...).
     """
 
     scores: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, float | int | str] = field(default_factory=dict)
-    aggregation: str = "sum"
 
 
 def check_finite_scores(result: AttributionResult, method: str) -> None:

@@ -93,7 +93,7 @@ class TRAK(Attributor):
         ensemble_size: int = 1,
         checkpoints: str | list[int] = "last",
         last_layer: bool = False,
-        backend: str = "vmap",
+        backend: str = "factored",
         max_points: int = 2048,
     ) -> None:
         self.proj_dim = check_int("method.proj_dim", proj_dim, 1)

@@ -169,8 +169,6 @@ class NoisyLabels(Evaluator):
             raise GGDAError(f"self-attribution must return ({g.k}, 1) scores")
         if not torch.isfinite(scores).all():
             raise GGDAError("self-attribution produced NaN/infinite scores")
-        if res.aggregation == "mean":
-            scores = scores * g.sizes().double()
         return normalise(scores, g.sizes(), self.rank_by), secs
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:

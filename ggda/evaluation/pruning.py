@@ -79,8 +79,6 @@ def property_group_scores(ctx: EvalContext, prop: QueryProperty) -> tuple[torch.
         raise GGDAError(
             f"expected scores of shape ({ctx.grouping.k}, 1), got {tuple(scores.shape)}"
         )
-    if res.aggregation == "mean":
-        scores = scores * ctx.grouping.sizes().double()[:, None]
     return scores[:, 0], time.perf_counter() - t0
 
 

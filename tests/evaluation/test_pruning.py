@@ -44,12 +44,12 @@ class SpyRetrain:
 class FixedScores(Attributor):
     """attribute() returns fixed (k, 1) scores and counts its calls."""
 
-    def __init__(self, scores, aggregation="sum"):
-        self.scores, self.aggregation, self.calls = scores, aggregation, []
+    def __init__(self, scores):
+        self.scores, self.calls = scores, []
 
     def attribute(self, task):
         self.calls.append(task.queries)
-        return AttributionResult(self.scores[:, None].clone(), aggregation=self.aggregation)
+        return AttributionResult(self.scores[:, None].clone())
 
 
 def test_removal_order_and_prefix():

@@ -22,8 +22,6 @@ class EvaluationCallback(GGDACallback):
                 "`evaluation` under `callbacks`"
             )
         scores = ctx.result.scores
-        if ctx.result.aggregation == "mean":
-            scores = scores * ctx.grouping.sizes().to(scores)[:, None]
         ectx = EvalContext(
             bundle=ctx.bundle,
             grouping=ctx.grouping,
