@@ -7,7 +7,7 @@ optionally randomly projected. Three paths compute the same thing:
   similar size, and ``torch.func.vmap(grad)`` runs one batched forward/backward per chunk.
   With singleton groups this *is* the chunked per-sample path.
 - ``loop``: one plain autograd backward per group; the simple reference the tests use.
-- ``factored``: design §3's fast path for parameters that all belong to ``nn.Linear``
+- ``factored``: the fast path for parameters that all belong to ``nn.Linear``
   layers (any MLP; the head of any net with ``last_layer``). One ordinary batched
   forward/backward over a chunk of group-aligned points captures each layer's inputs
   a_i and output gradients g_i; a group's weight gradient is the segment sum

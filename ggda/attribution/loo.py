@@ -1,11 +1,11 @@
-"""Group leave-one-out by retraining: the gold standard for small k (design §3).
+"""Group leave-one-out by retraining: the gold standard for small k.
 
 For each group j and seed s, a model is retrained on D \\ G_j and one on D with the same
 seed (paired, so seed noise partly cancels), through the shared cached retraining service:
 
     tau_{jq} = mean_s [ f_q(theta_s(D)) - f_q(theta_s(D \\ G_j)) ].
 
-This is the negated removal effect f(theta*(D \\ G_j)) - f(theta*(D)) of design §3,
+This is the negated removal effect f(theta*(D \\ G_j)) - f(theta*(D)),
 oriented like every other method (positive = the group helps: removing it hurts f_q), so
 that the scores plug into the same evaluations. Costs (k + 1) x R retrains, refused above
 ``max_retrains``.

@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS), at point and at group level (design §5).
+"""Linear datamodeling score (LDS), at point and at group level.
 
 For M random subsets S of the training data, the retrained measurement f(theta*(S)) is
 compared with the linear prediction sum_{i in S} a_i (point level, group scores broadcast

@@ -1,4 +1,4 @@
-"""Noisy-label detection by ranking groups (design §5).
+"""Noisy-label detection by ranking groups.
 
 The data set flips a seeded fraction r of the training labels (``dataset.label_noise``,
 mask in ``bundle.noise_mask``). Groups are ranked by a suspicion value and inspected in

@@ -1,4 +1,4 @@
-"""Dataset pruning guided by group attributions to the validation loss (design §5).
+"""Dataset pruning guided by group attributions to the validation loss.
 
 The property is f = -(mean cross-entropy on the validation split), so a group with a
 negative score tau_j raises the validation loss: it is *harmful*. Groups are removed in
