@@ -154,8 +154,10 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def train_member(
     cfg: DictConfig, keys: dict[str, str], bundle: Any, recipe: Recipe, seed: int
 ) -> list[Checkpoint]:
-    """Train (or reuse) the model of ``seed`` through the same Lightning path as the base
-    model, without the attribution callbacks; return its checkpoints."""
+    """Train (or reuse) the model of ``seed``; return its checkpoints.
+
+    Same Lightning path as the base model, without the attribution callbacks.
+    """
     store = model_store(cfg, keys, seed, recipe)
     if store.verify() != "complete":
         store.lock()

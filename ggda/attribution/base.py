@@ -133,6 +133,7 @@ class Attributor:
     name = "base"
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
+        """Group scores (k, m) of the task's grouping against its m query rows."""
         raise NotImplementedError
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:

@@ -95,8 +95,11 @@ def rank_scores(scores: torch.Tensor, sizes: torch.Tensor, rank_by: str) -> torc
 def removal_order(
     value: torch.Tensor, order: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(k,) group indices in removal order: ascending value (``harmful``), descending
-    (``helpful``) or a seeded permutation (``random``). Ties keep index order (stable)."""
+    """(k,) group indices in removal order.
+
+    Ascending value (``harmful``), descending (``helpful``) or a seeded permutation
+    (``random``). Ties keep index order (stable).
+    """
     check_choice("evaluation.pruning.orders[]", order, ORDERS)
     if order == "random":
         return torch.randperm(value.numel(), generator=generator)
@@ -228,6 +231,7 @@ class Pruning(Evaluator):
         return stacked, rows, skipped
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
+        """Test accuracy after removing groups in each order, per removed fraction."""
         res = EvalResult()
         b = ctx.bundle
         scores, secs = property_group_scores(ctx, val_loss_property(self.measurement))
