@@ -448,7 +448,7 @@ def write(rows: list[dict], meta: dict, out: Path, args: argparse.Namespace) -> 
         "",
         "## Notes",
         "",
-        "- `factored` is the design §3 fast path of `ggda.gradients` (one batched",
+        "- `factored` is the fast path of `ggda.gradients` (one batched",
         "  forward/backward per chunk, per-layer segment sums g^T a written in place); `vmap`",
         "  is `vmap(grad)` over padded groups. Both give the same numbers (tests).",
         "- The factorised TracIn rows use `per_sample_inner_products`: per Linear layer",

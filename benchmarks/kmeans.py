@@ -95,7 +95,7 @@ def part_mnist(seed: int, ks: list[int]) -> list[str]:
     from ggda.models.training import Recipe, train_lean
 
     b = MNIST5k(name="mnist5k", num_train=4000, num_val=500, num_test=500, num_queries=200).load()
-    recipe = Recipe(functools.partial(MLP, hidden=[128]), lr=0.05, momentum=0.9, epochs=10)
+    recipe = Recipe(functools.partial(MLP, hidden=[128]), epochs=10)  # SGD lr 0.05, momentum 0.9
     net, t_train = _t(lambda: train_lean(recipe, b.x_train, b.y_train, b.num_classes, seed))
     ck = [Checkpoint({k: v.clone() for k, v in net.state_dict().items()}, 0.05, 10)]
     queries = QueryProperty().examples(b)

@@ -23,14 +23,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ggda import tracking
-from ggda.attribution.base import Checkpoint
-from ggda.callbacks.base import GGDACallback, RunContext
-from ggda.callbacks.checkpoint import EpochCheckpoint
-from ggda.data.datamodule import BundleDataModule
-from ggda.errors import GGDAError
+from ggda.errors import ConfigError, GGDAError
+from ggda.evaluation.base import metric_namespaces
 from ggda.io import atomic_write_json, diff_keys, stable_hash
+from ggda.lightning.callbacks.base import GGDACallback, RunContext
+from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
+from ggda.lightning.datamodule import BundleDataModule
+from ggda.lightning.module import GGDAModule
+from ggda.models.checkpoint import Checkpoint
 from ggda.models.custom import check_net, net_factory
-from ggda.models.module import GGDAModule
 from ggda.models.store import ModelStore
 from ggda.models.training import Recipe
 
@@ -66,22 +67,35 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def build_recipe(model_cfg: DictConfig) -> Recipe:
-    """The training recipe from the ``model`` config group."""
+    """The training recipe from the ``model`` config group.
+
+    ``optim`` and ``scheduler`` are ``_target_`` nodes built as partials (the recipe calls
+    them with the parameters / the optimizer); keys the node omits keep :class:`Recipe`'s
+    defaults.
+    """
     m = OmegaConf.to_container(model_cfg, resolve=True)
-    o = m.get("optim", {})
-    return Recipe(
-        net_factory=net_factory(m["net"], build),
-        optimizer=o.get("name", "sgd"),
-        lr=o.get("lr", 0.05),
-        momentum=o.get("momentum", 0.0),
-        weight_decay=o.get("weight_decay", 0.0),
-        scheduler=o.get("scheduler", "none"),
-        step_gamma=o.get("step_gamma", 0.1),
-        step_every=o.get("step_every", 10),
-        epochs=m["epochs"],
-        batch_size=m["batch_size"],
-        save_epochs=list(m.get("save_epochs", [])),
-    )
+    kw: dict[str, Any] = {k: m[k] for k in ("epochs", "batch_size", "save_epochs") if k in m}
+    for key, arg in (("optim", "optimizer"), ("scheduler", "scheduler")):
+        node = m.get(key)
+        if node is None:
+            continue
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(
+                f"model.{key}",
+                node,
+                "a node with a `_target_` (e.g. `{_target_: torch.optim.SGD, lr: 0.05}`)",
+                "See conf/model/mlp.yaml.",
+            )
+        try:
+            kw[arg] = build(node, _partial_=True)
+        except (InstantiationException, ImportError, AttributeError) as e:
+            raise ConfigError(
+                f"model.{key}._target_",
+                node["_target_"],
+                "an importable class such as torch.optim.SGD or torch.optim.lr_scheduler.StepLR",
+                f"({type(e).__name__})",
+            ) from None
+    return Recipe(net_factory=net_factory(m["net"], build), **kw)
 
 
 def cache_keys(
@@ -141,8 +155,10 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def train_member(
     cfg: DictConfig, keys: dict[str, str], bundle: Any, recipe: Recipe, seed: int
 ) -> list[Checkpoint]:
-    """Train (or reuse) the model of ``seed`` through the same Lightning path as the base
-    model, without the attribution callbacks; return its checkpoints."""
+    """Train (or reuse) the model of ``seed``; return its checkpoints.
+
+    Same Lightning path as the base model, without the attribution callbacks.
+    """
     store = model_store(cfg, keys, seed, recipe)
     if store.verify() != "complete":
         store.lock()
@@ -349,7 +365,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _print_summary(run_dir: Path, m: dict[str, Any]) -> None:
     lines = [f"ggda results ({run_dir}):"]
     for key in sorted(m):
-        if key.split("/")[0] in ("lds", "pruning", "noisy_labels", "loo") and key.endswith("mean"):
+        if key.split("/")[0] in metric_namespaces() and key.endswith("mean"):
             lines.append(f"  {key:<28s} {m[key]:.4f}")
     for key in ("time/attribution", "time/grouping", "time/total"):
         if key in m:

@@ -48,6 +48,7 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ggda.errors import GGDAError
+from ggda.evaluation.base import metric_namespaces
 from ggda.io import atomic_write_bytes, stable_hash
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     cols += [
         c
         for c in df.columns
-        if c.split("/")[0] in ("pruning", "noisy_labels", "loo") and c.endswith("mean")
+        if c.split("/")[0] in metric_namespaces() - {"lds"} and c.endswith("mean")
     ]
     keys = [*BASE, "variant", "k", "n_train"]
     g = df.groupby(keys, dropna=False, sort=True)

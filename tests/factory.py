@@ -91,7 +91,8 @@ def tiny_recipe(epochs: int = 3, kind: str = "logreg") -> Recipe:
         if kind == "logreg"
         else functools.partial(MLP, hidden=[8])
     )
-    return Recipe(net_factory=factory, epochs=epochs, batch_size=8, lr=0.1, momentum=0.0)
+    opt = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.0)
+    return Recipe(net_factory=factory, optimizer=opt, epochs=epochs, batch_size=8)
 
 
 def run_cli(args: list[str], out: Path, timeout: int = 300, env: dict | None = None):

@@ -70,7 +70,14 @@ def test_every_option_composes_and_builds(tmp_path, group, option):
         assert callable(recipe.net_factory)
     elif group in ("grouping", "method", "property"):
         obj = build(node)
-        assert obj is not None
+        # every setting reaches what decides the cache key, with the composed value
+        deciding = obj.config() if hasattr(obj, "config") else vars(obj)
+        for key, value in OmegaConf.to_container(node, resolve=True).items():
+            if key in ("_target_", "_recursive_", "name"):
+                continue
+            assert key in deciding, f"{group}={option}: `{key}` does not reach the cache key"
+            got = deciding[key]
+            assert (list(got) if isinstance(got, tuple) else got) == value, (key, got, value)
     elif group == "evaluation":
         for sub in (node or {}).values():
             build(sub)
@@ -86,7 +93,8 @@ def test_every_option_composes_and_builds(tmp_path, group, option):
         for sub in (node or {}).values():
             _target_importable(sub)  # instantiating W&B would start a run
     elif group == "paths":
-        assert Path(node.output_dir) == tmp_path
+        # the cache and the data directory follow the output directory unless set
+        assert Path(node.cache_dir) == Path(node.output_dir) / "cache"
     elif group == "experiment":
         # an experiment must leave a config whose parts all build
         build(cfg.dataset)
@@ -135,10 +143,23 @@ def test_bad_numbers_name_key_value_and_range(tmp_path, override, key):
         ("model.optim.lr=-1", "model.optim.lr"),
         ("model.epochs=0", "model.epochs"),
         ("model.batch_size=0", "model.batch_size"),
-        ("model.optim.name=rmsprop", "model.optim.name"),
+        ("model.optim._target_=torch.optim.NoSuchOptimizer", "model.optim._target_"),
+        ("model.optim.weight_decay=-1", "model.optim"),
+        ("+model.optim.nesterov_typo=true", "model.optim"),
     ],
 )
 def test_bad_recipe_values(tmp_path, override, key):
     cfg = _compose(tmp_path, [override])
     with pytest.raises(ConfigError, match=f"`{key}`"):
         build_recipe(cfg.model)
+
+
+def test_paths_follow_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GGDA_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("GGDA_DATA_DIR", str(tmp_path / "files"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        paths = compose("config").paths
+    assert Path(paths.output_dir) == tmp_path / "out"
+    assert Path(paths.cache_dir) == tmp_path / "out" / "cache"
+    assert Path(paths.data_dir) == tmp_path / "files"

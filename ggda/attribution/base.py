@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -12,26 +12,32 @@ from torch import nn
 from ggda.attribution.properties import PropertyExamples
 from ggda.gradients import iter_group_gradients
 from ggda.grouping.base import Grouping
+from ggda.models.checkpoint import Checkpoint
 from ggda.models.functional import per_example_loss
 
 if TYPE_CHECKING:
     from ggda.data.base import DataBundle
-    from ggda.evaluation.retrain import RetrainService
+    from ggda.models.training import Recipe
 
 
-@dataclass
-class Checkpoint:
-    """One saved state of the base model.
+class Retrainer(Protocol):
+    """What a retraining method needs of the retrain service (``ggda.evaluation.retrain``).
+
+    Declared here, structurally, so that attribution does not import evaluation.
 
     Attributes:
-        state_dict: the net's weights.
-        lr: learning rate in force when the checkpoint was taken (TracIn's eta_t).
-        epoch: 1-based epoch after which it was saved.
+        recipe: the base model's training recipe.
+        stats: counters; ``retrains_run`` is the number of models trained (not cached).
     """
 
-    state_dict: dict[str, torch.Tensor]
-    lr: float
-    epoch: int
+    recipe: Recipe
+    stats: dict[str, int]
+
+    def run(
+        self, masks: torch.Tensor, seeds: list[int], desc: str = ...
+    ) -> dict[str, torch.Tensor]:
+        """Train on each mask (s, n) with each seed; logits per split (s, R, rows, C)."""
+        ...
 
 
 @dataclass
@@ -62,7 +68,7 @@ class AttributionTask:
     queries: PropertyExamples
     device: torch.device | str = "cpu"
     ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
-    retrain: RetrainService | None = None
+    retrain: Retrainer | None = None
     prop: Any = None
     bundle: DataBundle | None = None
 
@@ -90,15 +96,18 @@ class AttributionTask:
 
 @dataclass
 class AttributionResult:
-    """Scores (k, m), oriented (train side, query side); positive = the group helps.
+    """What a method returns.
 
-    ``aggregation`` is ``sum`` (tau_j is the sum over members) or ``mean``.
+    Attributes:
+        scores: (k, m) group scores tau_{jq}, oriented (train side, query side); a group's
+            score is the sum of its members' contributions; positive = the group helps.
+        timings: seconds per phase (``gradients``, ``solve``, ...).
+        info: scalars describing the run (number of parameters, retrains, ...).
     """
 
     scores: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, float | int | str] = field(default_factory=dict)
-    aggregation: str = "sum"
 
 
 def check_finite_scores(result: AttributionResult, method: str) -> None:
@@ -124,6 +133,7 @@ class Attributor:
     name = "base"
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
+        """Group scores (k, m) of the task's grouping against its m query rows."""
         raise NotImplementedError
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:

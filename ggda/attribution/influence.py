@@ -59,11 +59,11 @@ class InfluenceFunction(Attributor):
         tol: float = 1e-8,
         lissa_scale: float | None = None,
         lissa_batch: int | None = None,
-        last_layer: bool = False,
+        last_layer: bool = True,
         hvp_chunk: int = 1024,
         max_explicit_params: int = 20_000,
         seed: int = 0,
-        backend: str = "vmap",
+        backend: str = "factored",
         max_points: int = 2048,
     ) -> None:
         self.solver = check_choice("method.solver", solver, SOLVERS)

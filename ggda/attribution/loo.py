@@ -1,11 +1,11 @@
-"""Group leave-one-out by retraining: the gold standard for small k (design §3).
+r"""Group leave-one-out by retraining: the gold standard for small k.
 
-For each group j and seed s, a model is retrained on D \\ G_j and one on D with the same
+For each group j and seed s, a model is retrained on D \ G_j and one on D with the same
 seed (paired, so seed noise partly cancels), through the shared cached retraining service:
 
-    tau_{jq} = mean_s [ f_q(theta_s(D)) - f_q(theta_s(D \\ G_j)) ].
+    tau_{jq} = mean_s [ f_q(theta_s(D)) - f_q(theta_s(D \ G_j)) ].
 
-This is the negated removal effect f(theta*(D \\ G_j)) - f(theta*(D)) of design §3,
+This is the negated removal effect f(theta*(D \ G_j)) - f(theta*(D)),
 oriented like every other method (positive = the group helps: removing it hurts f_q), so
 that the scores plug into the same evaluations. Costs (k + 1) x R retrains, refused above
 ``max_retrains``.
@@ -19,9 +19,8 @@ import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
 from ggda.errors import ConfigError, GGDAError, check_int
-from ggda.evaluation.lds import retrain_seeds
 from ggda.models.functional import per_example_loss
-from ggda.models.training import train_lean
+from ggda.models.training import retrain_seeds, train_lean
 
 
 class GroupLOO(Attributor):
@@ -42,6 +41,7 @@ class GroupLOO(Attributor):
         self.max_retrains = check_int("method.max_retrains", max_retrains, 1)
 
     def seeds(self) -> list[int]:
+        """The R retrain seeds (shared with LDS through the cache)."""
         return retrain_seeds(self.seed, self.repeats)
 
     def masks(self, task: AttributionTask) -> torch.Tensor:
@@ -74,7 +74,7 @@ class GroupLOO(Attributor):
             )
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
-        """Scores (k, m): mean over seeds of f(D) - f(D \\ G_j) for every property row."""
+        r"""Scores (k, m): mean over seeds of f(D) - f(D \ G_j) for every property row."""
         self._check(task)
         masks = self.masks(task)
         t0 = time.perf_counter()
@@ -94,7 +94,7 @@ class GroupLOO(Attributor):
         )
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
-        """tau_jj = mean_s [ L_{G_j}(theta_s(D \\ G_j)) - L_{G_j}(theta_s(D)) ]: (k, 1).
+        r"""tau_jj = mean_s [ L_{G_j}(theta_s(D \ G_j)) - L_{G_j}(theta_s(D)) ]: (k, 1).
 
         The group's own property is -L_{G_j} on its training points (their possibly noisy
         labels). The retrain service returns val/test logits only, so these models are

@@ -1,4 +1,4 @@
-"""Properties: the scalar functions of the trained model that we attribute (design §2).
+"""Properties: the scalar functions of the trained model that we attribute.
 
 A property has m rows. Row r is the sum (or mean) of the per-example measurement f over a
 set S_r of evaluation examples, so its gradient is a *group gradient* of f over S_r and

@@ -1,4 +1,4 @@
-"""TRAK in group form (design §3).
+"""TRAK in group form.
 
 For one model (one checkpoint), with P a seeded random projection (p, d) and F the margin
 (logit of the label minus logsumexp of the others):

@@ -1,8 +1,7 @@
-"""Data sets (bundled and file-based), label noise and the Lightning data module."""
+"""Data sets (bundled and file-based) and label noise; no Lightning (see ggda.lightning)."""
 
 from ggda.data.base import DataBundle
 from ggda.data.bundled import Digits, MNIST5k, Synthetic
-from ggda.data.datamodule import BundleDataModule
 from ggda.data.images import CIFAR10Files, MNISTFiles
 from ggda.data.loading import DataFileError
 from ggda.data.tabular import GermanCredit, HELOCFile
@@ -10,7 +9,6 @@ from ggda.data.text import BBCNews, QNLIFiles
 
 __all__ = [
     "BBCNews",
-    "BundleDataModule",
     "CIFAR10Files",
     "DataBundle",
     "DataFileError",

@@ -49,13 +49,33 @@ class EvalResult:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+# Metric namespace -> evaluator class, filled by every Evaluator subclass as it is defined.
+NAMESPACES: dict[str, type[Evaluator]] = {}
+
+
 class Evaluator:
-    """One evaluation of group attributions (LDS, LOO correlation, pruning, noisy labels)."""
+    """One evaluation of group attributions (LDS, pruning, noisy labels, ...).
+
+    A subclass sets ``name``; its metrics are logged under ``<name>/...`` and the name is
+    registered in :data:`NAMESPACES` when the class is defined, so summaries and reports
+    find every evaluation's metrics without a hard-coded list.
+    """
 
     name = "base"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name != "base":
+            NAMESPACES[cls.name] = cls
+
     def evaluate(self, ctx: EvalContext) -> EvalResult:
+        """Evaluate the group scores in ``ctx``; metrics are relative to ``<name>/``."""
         raise NotImplementedError
+
+
+def metric_namespaces() -> frozenset[str]:
+    """Names of every evaluation defined so far (the built-ins are always among them)."""
+    return frozenset(NAMESPACES)
 
 
 def spearman_columns(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS), at point and at group level (design §5).
+"""Linear datamodeling score (LDS), at point and at group level.
 
 For M random subsets S of the training data, the retrained measurement f(theta*(S)) is
 compared with the linear prediction sum_{i in S} a_i (point level, group scores broadcast
@@ -19,6 +19,7 @@ import torch
 from ggda.errors import check_choice, check_float, check_int
 from ggda.evaluation.base import EvalContext, EvalResult, Evaluator, spearman_columns
 from ggda.faults import maybe_fail
+from ggda.models.training import retrain_seeds
 
 LEVELS = ("point", "group")
 
@@ -35,12 +36,6 @@ def random_subsets(n: int, size: int, count: int, seed: int) -> torch.Tensor:
 def lds_from_predictions(pred: torch.Tensor, actual: torch.Tensor) -> np.ndarray:
     """Per-query Spearman across subsets: (S, m), (S, m) -> (m,), NaN where undefined."""
     return spearman_columns(pred.double().cpu().numpy(), actual.double().cpu().numpy())
-
-
-def retrain_seeds(seed: int, repeats: int) -> list[int]:
-    """Seeds of the R retrains per subset; fixed by the evaluation seed alone so that
-    every run and sweep job asking for the same subset reuses the same retrains."""
-    return [seed * 100_003 + r for r in range(repeats)]
 
 
 class LDS(Evaluator):

@@ -1,4 +1,4 @@
-"""Noisy-label detection by ranking groups (design §5).
+"""Noisy-label detection by ranking groups.
 
 The data set flips a seeded fraction r of the training labels (``dataset.label_noise``,
 mask in ``bundle.noise_mask``). Groups are ranked by a suspicion value and inspected in
@@ -38,8 +38,9 @@ RANK_BY = ("auto", "sum", "mean", "mean2")
 
 
 def normalise(scores: torch.Tensor, sizes: torch.Tensor, rank_by: str) -> torch.Tensor:
-    """Group value used for ranking: tau_j (``sum``), tau_j / |G_j| (``mean``) or
-    tau_j / |G_j|^2 (``mean2``).
+    """Group value used for ranking.
+
+    tau_j (``sum``), tau_j / |G_j| (``mean``) or tau_j / |G_j|^2 (``mean2``).
 
     Self-influence is quadratic in the group: for TracIn tau_jj = sum_t eta_t ||grad L_G||^2,
     which grows like |G|^2 for a coherent group, so ``mean2`` is the self-influence of the
@@ -169,11 +170,10 @@ class NoisyLabels(Evaluator):
             raise GGDAError(f"self-attribution must return ({g.k}, 1) scores")
         if not torch.isfinite(scores).all():
             raise GGDAError("self-attribution produced NaN/infinite scores")
-        if res.aggregation == "mean":
-            scores = scores * g.sizes().double()
         return normalise(scores, g.sizes(), self.rank_by), secs
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
+        """Recall at each inspection budget and the ROC-AUC of the point ranking."""
         b, g = ctx.bundle, ctx.grouping
         mask = b.noise_mask
         if mask is None or not bool(mask.any()):

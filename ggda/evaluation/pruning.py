@@ -1,4 +1,4 @@
-"""Dataset pruning guided by group attributions to the validation loss (design §5).
+"""Dataset pruning guided by group attributions to the validation loss.
 
 The property is f = -(mean cross-entropy on the validation split), so a group with a
 negative score tau_j raises the validation loss: it is *harmful*. Groups are removed in
@@ -79,8 +79,6 @@ def property_group_scores(ctx: EvalContext, prop: QueryProperty) -> tuple[torch.
         raise GGDAError(
             f"expected scores of shape ({ctx.grouping.k}, 1), got {tuple(scores.shape)}"
         )
-    if res.aggregation == "mean":
-        scores = scores * ctx.grouping.sizes().double()[:, None]
     return scores[:, 0], time.perf_counter() - t0
 
 
@@ -97,8 +95,11 @@ def rank_scores(scores: torch.Tensor, sizes: torch.Tensor, rank_by: str) -> torc
 def removal_order(
     value: torch.Tensor, order: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(k,) group indices in removal order: ascending value (``harmful``), descending
-    (``helpful``) or a seeded permutation (``random``). Ties keep index order (stable)."""
+    """(k,) group indices in removal order.
+
+    Ascending value (``harmful``), descending (``helpful``) or a seeded permutation
+    (``random``). Ties keep index order (stable).
+    """
     check_choice("evaluation.pruning.orders[]", order, ORDERS)
     if order == "random":
         return torch.randperm(value.numel(), generator=generator)
@@ -230,6 +231,7 @@ class Pruning(Evaluator):
         return stacked, rows, skipped
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
+        """Test accuracy after removing groups in each order, per removed fraction."""
         res = EvalResult()
         b = ctx.bundle
         scores, secs = property_group_scores(ctx, val_loss_property(self.measurement))

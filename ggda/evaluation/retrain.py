@@ -1,4 +1,4 @@
-"""The cached, parallel retraining service shared by every evaluation (design §5, §7).
+"""The cached, parallel retraining service shared by every evaluation.
 
 ``retrain(subset_mask, seed)`` trains a fresh model on the masked training set with the
 base model's recipe and returns its logits on the validation and test splits, from which

@@ -30,6 +30,7 @@ class Grouping:
 
     @property
     def n(self) -> int:
+        """Number of training points."""
         return int(self.group_ids.shape[0])
 
     def validate(self) -> None:
@@ -144,9 +145,11 @@ class Grouper:
         self.seed = check_int("grouping.seed", seed, 0)
 
     def k_for(self, n: int) -> int:
+        """The group count k for n points (see :func:`resolve_k`)."""
         return resolve_k(self.groups, n)
 
     def group(self, inputs: GroupingInputs) -> Grouping:
+        """Partition the n training points of ``inputs`` into k groups."""
         raise NotImplementedError
 
     def config(self) -> dict:

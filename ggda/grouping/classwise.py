@@ -9,8 +9,9 @@ from ggda.grouping.base import Grouper, Grouping, GroupingInputs, equal_split
 
 
 def split_k_by_class(counts: torch.Tensor, k: int) -> torch.Tensor:
-    """Groups per class: proportional to ``counts`` (largest remainder), each >= 1 and
-    <= its count, summing to k. Classes with count 0 get 0.
+    """Groups per class, proportional to ``counts`` (largest remainder).
+
+    Each is >= 1 and <= its count, and they sum to k. Classes with count 0 get 0.
 
     Raises:
         ConfigError: k smaller than the number of present classes.
@@ -46,6 +47,7 @@ class ClassGrouper(Grouper):
     name = "class"
 
     def group(self, inputs: GroupingInputs) -> Grouping:
+        """Random groups inside each class, k split across classes by class size."""
         y = inputs.y.cpu()
         n = int(y.shape[0])
         k = self.k_for(n)

@@ -13,6 +13,7 @@ class RandomGrouper(Grouper):
     name = "random"
 
     def group(self, inputs: GroupingInputs) -> Grouping:
+        """Seeded uniform assignment of the n points to k near-equal groups."""
         n = int(inputs.y.shape[0])
         k = self.k_for(n)
         return Grouping(equal_split(n, k, torch.Generator().manual_seed(self.seed)), k)

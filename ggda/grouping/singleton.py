@@ -16,5 +16,6 @@ class SingletonGrouper(Grouper):
         super().__init__(None, seed)
 
     def group(self, inputs: GroupingInputs) -> Grouping:
+        """One group per point: group_ids = 0..n-1."""
         n = int(inputs.y.shape[0])
         return Grouping(torch.arange(n), n)

@@ -1,7 +1,7 @@
-"""Networks, the LightningModule and the shared training recipe."""
+"""Networks, the shared training recipe, checkpoints and the model cache (no Lightning)."""
 
-from ggda.models.module import GGDAModule
+from ggda.models.checkpoint import Checkpoint
 from ggda.models.nets import MLP, LogisticRegression
 from ggda.models.training import Recipe, train_lean
 
-__all__ = ["GGDAModule", "LogisticRegression", "MLP", "Recipe", "train_lean"]
+__all__ = ["Checkpoint", "LogisticRegression", "MLP", "Recipe", "train_lean"]

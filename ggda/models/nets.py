@@ -103,8 +103,10 @@ def _image_shape(input_shape: tuple[int, ...], net: str, min_side: int) -> tuple
 
 
 class CNN(nn.Module):
-    """Small ConvNet: [conv3x3 -> ReLU -> maxpool2] per entry of ``channels``, then one
-    hidden fully connected layer and the linear head.
+    """Small ConvNet.
+
+    [conv3x3 -> ReLU -> maxpool2] per entry of ``channels``, then one hidden fully
+    connected layer and the linear head.
 
     Args:
         input_shape: (C, H, W).

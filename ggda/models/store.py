@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ggda.attribution.base import Checkpoint
 from ggda.io import atomic_write_json, file_sha256
+from ggda.models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 

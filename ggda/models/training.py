@@ -1,26 +1,47 @@
 """The training recipe shared by the Lightning module and the lean retraining loop.
 
 Both build their optimizer and scheduler here, so a retrain in the evaluation service
-follows exactly the recipe of the base model (minus logging and checkpoint files).
+follows exactly the recipe of the base model (minus logging and checkpoint files). The
+optimizer and scheduler are factories (in the config: ``_target_`` nodes such as
+``torch.optim.SGD``, built as partials by the pipeline), so any torch optimizer works.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ggda.errors import GGDAError, check_choice, check_float, check_int
+from ggda.errors import ConfigError, GGDAError, check_float, check_int
 from ggda.models.functional import per_example_loss
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "cosine", "step")
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def default_optimizer() -> OptimizerFactory:
+    """SGD with lr 0.05 and momentum 0.9 (the recipe's default; conf/model/*.yaml set theirs)."""
+    return functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+
+
+def retrain_seeds(seed: int, repeats: int) -> list[int]:
+    """Seeds of the R retrains per subset, fixed by the evaluation seed alone.
+
+    Every run and sweep job asking for the same subset (LDS, pruning, group leave-one-out)
+    then reuses the same cached retrains: seeds ``seed * 100003 + r`` for r < R.
+    """
+    return [seed * 100_003 + r for r in range(repeats)]
+
+
+def _name(factory: Callable) -> str:
+    func = getattr(factory, "func", factory)
+    return getattr(func, "__qualname__", repr(func))
 
 
 @dataclass
@@ -29,39 +50,48 @@ class Recipe:
 
     Attributes:
         net_factory: ``(input_shape, num_classes) -> nn.Module`` (picklable partial).
-        optimizer: sgd | adam | adamw.
-        lr: base learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 weight decay.
-        scheduler: none | cosine | step (stepped once per epoch).
-        step_gamma, step_every: decay factor and period for ``step``.
+        optimizer: ``params -> torch.optim.Optimizer`` (picklable partial, e.g.
+            ``functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)``).
+        scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or None.
         epochs: number of epochs.
         batch_size: minibatch size.
         save_epochs: epochs (1-based) after which the base model is checkpointed.
     """
 
     net_factory: Callable[..., nn.Module]
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "none"
-    step_gamma: float = 0.1
-    step_every: int = 10
+    optimizer: OptimizerFactory = field(default_factory=default_optimizer)
+    scheduler: SchedulerFactory | None = None
     epochs: int = 10
     batch_size: int = 64
     save_epochs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_choice("model.optim.name", self.optimizer, OPTIMIZERS)
-        check_float("model.optim.lr", self.lr, 0.0, lo_open=True)
-        check_float("model.optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        check_float("model.optim.weight_decay", self.weight_decay, 0.0)
-        check_choice("model.optim.scheduler", self.scheduler, SCHEDULERS)
-        check_float("model.optim.step_gamma", self.step_gamma, 0.0, 1.0, lo_open=True)
-        check_int("model.optim.step_every", self.step_every, 1)
         check_int("model.epochs", self.epochs, 1)
         check_int("model.batch_size", self.batch_size, 1)
+        # Build once on a probe parameter: a bad optimizer/scheduler setting fails here,
+        # before training, naming the config key (torch's own message says what is wrong).
+        lr = getattr(self.optimizer, "keywords", {}).get("lr")
+        if isinstance(lr, (int, float)):
+            check_float("model.optim.lr", lr, 0.0, lo_open=True)
+        probe = torch.nn.Parameter(torch.zeros(1))
+        try:
+            opt = self.optimizer([probe])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                "model.optim", _name(self.optimizer), "arguments the optimizer accepts", str(e)
+            ) from None
+        self._lr = float(opt.param_groups[0]["lr"])
+        check_float("model.optim.lr", self._lr, 0.0, lo_open=True)
+        if self.scheduler is not None:
+            try:
+                self.scheduler(opt)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(
+                    "model.scheduler",
+                    _name(self.scheduler),
+                    "arguments the scheduler accepts (or `model.scheduler=null`)",
+                    str(e),
+                ) from None
         asked = {check_int("model.save_epochs[]", e, 1) for e in self.save_epochs}
         late = sorted(e for e in asked if e > self.epochs)
         if late:
@@ -71,27 +101,21 @@ class Recipe:
             )
         self.save_epochs = sorted({e for e in asked if e <= self.epochs} | {self.epochs})
 
+    @property
+    def lr(self) -> float:
+        """The optimizer's initial learning rate (of its first parameter group)."""
+        return self._lr
+
     def build_net(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        """A freshly initialised net for inputs of ``input_shape`` and ``num_classes``."""
         return self.net_factory(input_shape=tuple(input_shape), num_classes=num_classes)
 
     def build_optimizer(
         self, params: Iterable[torch.nn.Parameter]
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-        """Optimizer and (per-epoch) scheduler of this recipe."""
-        if self.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-            )
-        elif self.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched: torch.optim.lr_scheduler.LRScheduler | None = None
-        if self.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
-        elif self.scheduler == "step":
-            sched = torch.optim.lr_scheduler.StepLR(opt, self.step_every, self.step_gamma)
-        return opt, sched
+        """Optimizer and (per-epoch) scheduler of this recipe, over ``params``."""
+        opt = self.optimizer(params)
+        return opt, (self.scheduler(opt) if self.scheduler is not None else None)
 
 
 def check_finite_loss(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
@@ -144,8 +168,3 @@ def train_lean(
         if sched is not None:
             sched.step()
     return net.eval()
-
-
-def cosine_lr(base: float, epoch: int, total: int) -> float:
-    """Learning rate of CosineAnnealingLR after ``epoch`` steps (for reference/tests)."""
-    return base * (1 + math.cos(math.pi * epoch / total)) / 2

@@ -12,6 +12,7 @@ from ggda.evaluation.base import EvalContext, spearman_columns
 from ggda.evaluation.lds import LDS, lds_from_predictions, random_subsets
 from ggda.evaluation.retrain import RetrainService
 from ggda.grouping.base import Grouping
+from ggda.models.training import retrain_seeds
 
 
 def test_lds_hand_computed():
@@ -97,8 +98,17 @@ def test_lds_with_real_retrains(tmp_path):
     svc = RetrainService(tmp_path, backend="sequential").bind(tiny_recipe(), b, "k")
     g = Grouping(torch.arange(40) % 4, 4)
     ctx = EvalContext(b, g, torch.randn(4, 8), QueryProperty(), svc)
-    res = LDS(num_subsets=5).evaluate(ctx)
-    assert {"point/mean", "group/mean", "point/nan_count"} <= set(res.metrics)
+    lds = LDS(num_subsets=5)
+    res = lds.evaluate(ctx)
+    # brute force: the same subsets retrained through the service, Spearman per query by scipy
+    for level in ("point", "group"):
+        masks = lds.subsets(ctx, level)
+        logits = svc.run(masks, retrain_seeds(lds.seed, lds.repeats))
+        actual = ctx.prop.values(logits[ctx.prop.split].double(), b).mean(1).numpy()  # (M, m)
+        pred = (masks.double() @ g.broadcast(ctx.scores.double())).numpy()
+        rho = [spearmanr(pred[:, q], actual[:, q])[0] for q in range(actual.shape[1])]
+        assert res.metrics[f"{level}/mean"] == pytest.approx(np.nanmean(rho), abs=1e-12)
+        assert res.metrics[f"{level}/nan_count"] == int(np.isnan(rho).sum())
     before = svc.stats["retrains_run"]
     LDS(num_subsets=5).evaluate(ctx)  # all cached now
     assert svc.stats["retrains_run"] == before

@@ -60,11 +60,11 @@ def test_recall_groups_whole_then_partial():
 class SelfAttributor(Attributor):
     """Returns fixed self-attribution scores."""
 
-    def __init__(self, scores, aggregation="sum"):
-        self.scores, self.aggregation = scores, aggregation
+    def __init__(self, scores):
+        self.scores = scores
 
     def self_attribute(self, task):
-        return AttributionResult(self.scores[:, None].clone(), aggregation=self.aggregation)
+        return AttributionResult(self.scores[:, None].clone())
 
     def attribute(self, task):
         return AttributionResult(-self.scores[:, None].clone())

@@ -44,12 +44,12 @@ class SpyRetrain:
 class FixedScores(Attributor):
     """attribute() returns fixed (k, 1) scores and counts its calls."""
 
-    def __init__(self, scores, aggregation="sum"):
-        self.scores, self.aggregation, self.calls = scores, aggregation, []
+    def __init__(self, scores):
+        self.scores, self.calls = scores, []
 
     def attribute(self, task):
         self.calls.append(task.queries)
-        return AttributionResult(self.scores[:, None].clone(), aggregation=self.aggregation)
+        return AttributionResult(self.scores[:, None].clone())
 
 
 def test_removal_order_and_prefix():
@@ -114,12 +114,12 @@ def test_pruning_removes_exactly_the_configured_groups_and_retrains_the_compleme
     assert "curve" in res.figures
 
 
-def test_rank_by_mean_and_mean_aggregated_scores():
+def test_rank_by_mean_and_by_sum():
     b = tiny_bundle(n=10)
     g = Grouping(torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2]), 3)
-    # group means -1/6, -1/2, +1 (reported as means): harmful per point = group 1 first;
-    # as sums: -1, -1, +2 -> group 0 first (stable on the tie)
-    att = FixedScores(torch.tensor([-1 / 6, -0.5, 1.0], dtype=torch.float64), "mean")
+    # sums -1, -1, +2 -> group 0 first (stable on the tie);
+    # per point -1/6, -1/2, +1: harmful per point = group 1 first
+    att = FixedScores(torch.tensor([-1.0, -1.0, 2.0], dtype=torch.float64))
     spy = SpyRetrain(b)
     ctx = EvalContext(
         b, g, torch.zeros(3, 1), QueryProperty(), spy, att, tiny_task(g.group_ids, 3, n=10)

@@ -15,11 +15,11 @@ import torch
 
 from ggda import tracking
 from ggda.attribution.base import AttributionResult, AttributionTask, check_finite_scores
-from ggda.callbacks.base import GGDACallback
 from ggda.errors import GGDAError
 from ggda.faults import maybe_fail
 from ggda.grouping.base import Grouping, GroupingInputs
 from ggda.io import atomic_torch_save, load_or_none, save_artifact
+from ggda.lightning.callbacks.base import GGDACallback
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,7 @@ class GroupAttributionCallback(GGDACallback):
         cached = load_or_none(path, meta, what="attribution scores")
         if cached is not None:
             log.info("Reusing cached attribution scores %s", path.name)
-            result = AttributionResult(
-                cached["scores"], cached["timings"], cached["info"], cached["aggregation"]
-            )
+            result = AttributionResult(cached["scores"], cached["timings"], cached["info"])
             ctx.log({"attribution/cached": 1})
         else:
             t0 = time.perf_counter()
@@ -141,7 +139,6 @@ class GroupAttributionCallback(GGDACallback):
                     "scores": result.scores.cpu(),
                     "timings": result.timings,
                     "info": result.info,
-                    "aggregation": result.aggregation,
                 },
                 meta,
             )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 from ggda import tracking
-from ggda.callbacks.base import GGDACallback
 from ggda.errors import GGDAError
 from ggda.evaluation.base import EvalContext
 from ggda.faults import maybe_fail
+from ggda.lightning.callbacks.base import GGDACallback
 
 
 class EvaluationCallback(GGDACallback):
@@ -22,8 +22,6 @@ class EvaluationCallback(GGDACallback):
                 "`evaluation` under `callbacks`"
             )
         scores = ctx.result.scores
-        if ctx.result.aggregation == "mean":
-            scores = scores * ctx.grouping.sizes().to(scores)[:, None]
         ectx = EvalContext(
             bundle=ctx.bundle,
             grouping=ctx.grouping,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from ggda.callbacks.base import GGDACallback, RunContext
 from ggda.faults import maybe_fail
+from ggda.lightning.callbacks.base import GGDACallback, RunContext
 from ggda.models.store import ModelStore
 
 

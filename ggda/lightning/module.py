@@ -13,7 +13,7 @@ from ggda.models.training import Recipe, check_finite_loss
 
 
 class GGDAModule(pl.LightningModule):
-    """Trains ``net`` with cross-entropy; records the learning rate in every checkpoint.
+    """Trains ``net`` with cross-entropy using the recipe's optimizer and scheduler.
 
     Args:
         net: the plain torch network.
@@ -53,8 +53,3 @@ class GGDAModule(pl.LightningModule):
         if self.trainer is None or not self.trainer.optimizers:
             return float(self.recipe.lr)
         return float(self.trainer.optimizers[0].param_groups[0]["lr"])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # TracIn weighs each checkpoint by the step size in force while training from it.
-        checkpoint["ggda_lr"] = self.current_lr()
-        checkpoint["ggda_epoch"] = int(self.current_epoch) + 1
