@@ -38,16 +38,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attribution import PeakMemory, load_avg, point_queries, random_grouping, sync  # noqa: E402
+from attribution import PeakMemory, load_avg, point_queries, random_grouping, sync
 
-from ggda.attribution.base import AttributionTask, Checkpoint  # noqa: E402
-from ggda.attribution.influence import InfluenceFunction  # noqa: E402
-from ggda.attribution.tracin import TracIn  # noqa: E402
-from ggda.attribution.trak import TRAK  # noqa: E402
-from ggda.evaluation.lds import lds_from_predictions, random_subsets  # noqa: E402
-from ggda.gradients import iter_group_gradients  # noqa: E402
-from ggda.models.functional import neg_loss, per_example_loss  # noqa: E402
-from ggda.models.nets import CNN, ResNet9, TextClassifier  # noqa: E402
+from ggda.attribution.base import AttributionTask, Checkpoint
+from ggda.attribution.influence import InfluenceFunction
+from ggda.attribution.tracin import TracIn
+from ggda.attribution.trak import TRAK
+from ggda.evaluation.lds import lds_from_predictions, random_subsets
+from ggda.gradients import iter_group_gradients
+from ggda.models.functional import neg_loss, per_example_loss
+from ggda.models.nets import CNN, ResNet9, TextClassifier
 
 TARGETS = {"tracin": 50.0, "trak": 50.0, "influence": 10.0}
 
@@ -87,8 +87,14 @@ def build(name: str, args: argparse.Namespace):
         data = text_data(args.queries)
         vocab = int(data[0].max()) + 1
         return (
-            lambda: TextClassifier((data[0].shape[1],), data[4], vocab, embed_dim=32, hidden=[32])
-        ), "adam", data
+            (
+                lambda: TextClassifier(
+                    (data[0].shape[1],), data[4], vocab, embed_dim=32, hidden=[32]
+                )
+            ),
+            "adam",
+            data,
+        )
     raise SystemExit(f"unknown model {name!r}; choose from cnn, resnet9, text")
 
 
@@ -304,8 +310,7 @@ def write(rows: list[dict], metas: list[dict], info: dict, out: Path, args) -> N
         "",
         f"- Commit: {info['commit']}; machine: {info['device']}, {info['cpus']} CPUs, torch "
         f"threads {info['threads']}, torch {info['torch']}, Python {info['python']}.",
-        f"- Load average (1/5/15 min) before: {info['load_before']}, after: "
-        f"{info['load_after']}.",
+        f"- Load average (1/5/15 min) before: {info['load_before']}, after: {info['load_after']}.",
         f"- Every time is the minimum of {args.repeats} interleaved repeats (the vmap rows: one "
         "run). Unit: one training epoch of the same model on the same n points (median of "
         f"{args.epochs} epochs, batch 64). One checkpoint (the final model).",

@@ -22,7 +22,8 @@ def _stem(path: object, default: str) -> str:
 
 def register_resolvers() -> None:
     """Register ``${ggda_k:grouping_name,groups}`` and ``${ggda_stem:path,default}`` once
-    per process."""
+    per process.
+    """
     if not OmegaConf.has_resolver("ggda_k"):
         OmegaConf.register_new_resolver("ggda_k", _k_label)
     if not OmegaConf.has_resolver("ggda_stem"):

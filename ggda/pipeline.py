@@ -22,6 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import ggda.config  # noqa: F401  (registers the config resolvers before any compose)
 from ggda import tracking
 from ggda.errors import ConfigError, GGDAError
 from ggda.evaluation.base import metric_namespaces

@@ -166,7 +166,8 @@ class _Conv2d:
 
 def _unfold(mod: nn.Conv2d, inp: torch.Tensor, n: int) -> torch.Tensor:
     """(N, C_in, H, W) -> (N, L, C_in kh kw) patches, channel-major columns (the order of
-    ``weight.reshape(C_out, -1)``)."""
+    ``weight.reshape(C_out, -1)``).
+    """
     patches = F.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
     return patches.transpose(1, 2).reshape(n, -1, patches.shape[1])
 

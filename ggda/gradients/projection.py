@@ -344,7 +344,8 @@ def make_projector(
     kind: str = "rademacher",
 ):
     """``dense``: :class:`RandomProjector` over the flat gradient; ``kronecker``:
-    :class:`KroneckerProjector` per layer."""
+    :class:`KroneckerProjector` per layer.
+    """
     check_choice("method.proj_structure", structure, PROJ_STRUCTURES)
     if structure == "kronecker":
         return KroneckerProjector(model, params, d, seed, kind)

@@ -134,7 +134,8 @@ def custom_factory(net_cfg: dict[str, Any]) -> NetFactory:
 
 def net_factory(net_cfg: dict[str, Any], build: Callable[[dict], Any]) -> Callable[..., Any]:
     """The factory of a ``model.net`` node: the shipped nets (``ggda.*``, built by
-    ``build``) as they are, any other ``_target_`` as a checked :class:`NetFactory`."""
+    ``build``) as they are, any other ``_target_`` as a checked :class:`NetFactory`.
+    """
     target = net_cfg.get("_target_")
     if isinstance(target, str) and target.startswith("ggda."):
         return build(net_cfg)
