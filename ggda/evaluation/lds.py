@@ -50,15 +50,15 @@ SEED_MODES = ("per_subset", "shared")
 def subset_seeds(seed: int, count: int, repeats: int, mode: str = "per_subset") -> torch.Tensor:
     """(count, R) retrain seeds of the LDS subsets.
 
-    ``per_subset``: subset s, repeat r gets seed * 100003 + 1 + s * R + r, so the
-    training noise is independent across subsets (as in the datamodels setup) and never
-    equals the ``shared`` seeds; ``shared``: every subset uses :func:`retrain_seeds`.
+    ``per_subset``: subset s, repeat r gets seed * 100003 + 50000 + s * R + r, so the
+    training noise is independent across subsets (as in the datamodels setup) and differs
+    from the ``shared`` seeds (for R < 50,000); ``shared``: every subset uses :func:`retrain_seeds`.
     Both are fixed by the evaluation seed alone (shared by every run through the cache).
     """
     check_choice("evaluation.lds.seed_mode", mode, SEED_MODES)
     if mode == "shared":
         return torch.tensor(retrain_seeds(seed, repeats), dtype=torch.int64).repeat(count, 1)
-    base = seed * 100_003 + 1
+    base = seed * 100_003 + 50_000
     return base + torch.arange(count * repeats, dtype=torch.int64).reshape(count, repeats)
 
 
