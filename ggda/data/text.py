@@ -277,6 +277,8 @@ class QNLIFiles(TextData):
         **kw,
     ) -> None:
         kw.setdefault("max_len", 64)
+        kw.setdefault("num_queries", 200)  # these three as conf/dataset/qnli.yaml
+        kw.setdefault("max_vocab", 20000)
         super().__init__(name, **kw)
         self.data_dir = str(data_dir)
         self.num_train = None if num_train is None else check_int("dataset.num_train", num_train, 1)
