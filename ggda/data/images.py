@@ -178,6 +178,7 @@ class MNISTFiles(ImageFiles):
     }
 
     def __init__(self, data_dir: str, name: str = "mnist", **kw) -> None:
+        kw.setdefault("flatten", True)  # as conf/dataset/mnist.yaml (MLP / logreg inputs)
         super().__init__(data_dir, name, **kw)
 
     def _path(self, key: str) -> Path:

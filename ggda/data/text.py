@@ -260,9 +260,10 @@ class QNLIFiles(TextData):
 
     Args:
         data_dir: root of the data files (``paths.data_dir``).
-        num_train: training pairs (None = all of train.tsv after the validation pairs).
+        num_train: training pairs (default 20,000 as conf/dataset/qnli.yaml; None = all of
+            train.tsv after the validation pairs).
         num_val: validation pairs drawn from train.tsv.
-        num_test: test pairs drawn from dev.tsv (None = all 5,463).
+        num_test: test pairs drawn from dev.tsv (default 2,000 as the conf; None = all 5,463).
         **kw: see :class:`TextData`.
     """
 
@@ -270,12 +271,14 @@ class QNLIFiles(TextData):
         self,
         data_dir: str,
         name: str = "qnli",
-        num_train: int | None = None,
+        num_train: int | None = 20000,
         num_val: int = 2000,
-        num_test: int | None = None,
+        num_test: int | None = 2000,
         **kw,
     ) -> None:
         kw.setdefault("max_len", 64)
+        kw.setdefault("num_queries", 200)  # these three as conf/dataset/qnli.yaml
+        kw.setdefault("max_vocab", 20000)
         super().__init__(name, **kw)
         self.data_dir = str(data_dir)
         self.num_train = None if num_train is None else check_int("dataset.num_train", num_train, 1)

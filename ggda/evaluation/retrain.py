@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ggda.data.base import DataBundle
 from ggda.errors import GGDAError, check_choice, check_int
+from ggda.evaluation.lds_store import LDSStore
 from ggda.io import load_or_none, save_artifact, tensor_hash
 from ggda.models.training import Recipe, train_lean
 
@@ -51,6 +52,16 @@ _WORKER: dict[str, Any] = {}
 
 # One retrain to do: (cache path, meta, training indices, seed).
 Item = tuple[str, dict, torch.Tensor, int]
+
+
+def seed_table(seeds: torch.Tensor | list[int], count: int) -> torch.Tensor:
+    """(count, R) int64 retrain seeds: per-subset seeds as given, or R shared ones tiled."""
+    t = torch.as_tensor(seeds, dtype=torch.int64)
+    if t.ndim == 1:
+        return t[None, :].expand(count, -1).clone()
+    if t.ndim != 2 or t.shape[0] != count:
+        raise GGDAError(f"seeds must be R shared seeds or ({count}, R); got {tuple(t.shape)}")
+    return t
 
 
 def auto_workers() -> int:
@@ -291,22 +302,60 @@ class RetrainService:
         return self.device
 
     def entry(self, mask: torch.Tensor, seed: int) -> tuple[Path, dict]:
-        """Cache path and meta of one (subset, seed)."""
+        """Cache path and meta of one (subset, seed): the unit of work and of locking."""
         if self.key is None:
             raise GGDAError("RetrainService.bind() must be called before use")
         mh = tensor_hash(mask.bool())
         meta = {"recipe_key": self.key, "mask": mh, "n": int(mask.numel()), "seed": int(seed)}
         return self.cache_dir / "retrain" / self.key / f"{mh}-s{seed}.pt", meta
 
+    def store(
+        self,
+        level: str,
+        masks: torch.Tensor,
+        seeds: torch.Tensor | list[int],
+        sampler: dict[str, Any] | None = None,
+    ) -> LDSStore:
+        """The LDS store (datamodels layout) of these subsets under ``<cache_dir>/lds``.
+
+        Args:
+            level: ``point`` | ``group``.
+            masks: (S, n) bool.
+            seeds: (S, R) per-subset seeds, or R seeds shared by every subset.
+            sampler: how masks and seeds were drawn, recorded in the manifest.
+        """
+        if self.key is None or self.bundle is None:
+            raise GGDAError("RetrainService.bind() must be called before use")
+        b = self.bundle
+        return LDSStore.open(
+            self.cache_dir / "lds",
+            self.key,
+            level,
+            masks.bool().cpu(),
+            seed_table(seeds, masks.shape[0]),
+            {
+                "val": (b.x_val.shape[0], b.num_classes),
+                "test": (b.x_test.shape[0], b.num_classes),
+            },
+            sampler,
+        )
+
     def run(
-        self, masks: torch.Tensor, seeds: list[int], desc: str = "retrain"
+        self,
+        masks: torch.Tensor,
+        seeds: torch.Tensor | list[int],
+        desc: str = "retrain",
+        store: LDSStore | None = None,
     ) -> dict[str, torch.Tensor]:
         """Retrain on each mask with each seed.
 
         Args:
             masks: (S, n) bool, True = keep the training point.
-            seeds: R seeds.
+            seeds: R seeds shared by every subset, or (S, R) seeds per subset.
             desc: progress bar label.
+            store: an LDS store of exactly these masks and seeds (see :meth:`store`): its
+                complete rows are read from it, the others retrained (through the per-entry
+                cache) and then recorded in it.
 
         Returns:
             ``{"val": (S, R, N_val, C), "test": (S, R, N_test, C)}`` logits.
@@ -318,18 +367,32 @@ class RetrainService:
             raise GGDAError(f"masks must have shape (S, {self.bundle.n_train})")
         if (masks.sum(1) == 0).any():
             raise GGDAError("cannot retrain on an empty subset")
+        table = seed_table(seeds, masks.shape[0])
+        n_rep = table.shape[1]
         results: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        done_rows: set[int] = set()
+        if store is not None:
+            done_rows = set(store.complete())
+            if done_rows:
+                rows = sorted(done_rows)
+                got = {sp: torch.from_numpy(store.logits(sp, rows)) for sp in ("val", "test")}
+                for i, s in enumerate(rows):
+                    for r in range(n_rep):
+                        results[(s, r)] = {sp: got[sp][i, r] for sp in got}
         # Pending entries by path: a subset drawn twice is trained once.
         todo: dict[str, tuple[dict, torch.Tensor, int, list[tuple[int, int]]]] = {}
         for s, mask in enumerate(masks):
-            for r, seed in enumerate(seeds):
+            if s in done_rows:
+                continue
+            for r in range(n_rep):
+                seed = int(table[s, r])
                 path, meta = self.entry(mask, seed)
                 if str(path) in todo:
                     todo[str(path)][3].append((s, r))
                     continue
                 got = load_or_none(path, meta, what="retrain result")
                 if got is None:
-                    todo[str(path)] = (meta, mask.nonzero().squeeze(1), int(seed), [(s, r)])
+                    todo[str(path)] = (meta, mask.nonzero().squeeze(1), seed, [(s, r)])
                 else:
                     results[(s, r)] = got
         cached_before = len(results)
@@ -364,20 +427,24 @@ class RetrainService:
         self.stats["retrain_seconds"] += time.perf_counter() - t0
         missing = [
             sr
-            for sr in ((s, r) for s in range(len(masks)) for r in range(len(seeds)))
+            for sr in ((s, r) for s in range(len(masks)) for r in range(n_rep))
             if results.get(sr) is None
         ]
         if missing:
             raise GGDAError(f"{len(missing)} retrain results could not be read back from the cache")
-        return {
+        out = {
             split: torch.stack(
                 [
-                    torch.stack([results[(s, r)][split] for r in range(len(seeds))])
+                    torch.stack([results[(s, r)][split] for r in range(n_rep)])
                     for s in range(len(masks))
                 ]
             )
             for split in ("val", "test")
         }
+        if store is not None:
+            new_rows = [s for s in range(len(masks)) if s not in done_rows]
+            store.write_rows({s: {sp: out[sp][s] for sp in out} for s in new_rows})
+        return out
 
     # -- backends -------------------------------------------------------------------------
     def _run_pool(self, items: list[Item], desc: str) -> int:

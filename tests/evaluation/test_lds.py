@@ -10,6 +10,7 @@ from ggda.attribution.properties import QueryProperty
 from ggda.errors import ConfigError
 from ggda.evaluation.base import EvalContext, spearman_columns
 from ggda.evaluation.lds import LDS, lds_from_predictions, random_subsets
+from ggda.evaluation.lds_store import LDSStore
 from ggda.evaluation.retrain import RetrainService
 from ggda.grouping.base import Grouping
 from ggda.models.training import retrain_seeds
@@ -44,13 +45,21 @@ def test_random_subsets_exact_size_and_seeded():
 class FakeRetrain:
     """Retrain stand-in: the 'retrained' measurement is exactly linear in the subset."""
 
-    def __init__(self, bundle, true_point_scores):
+    def __init__(self, bundle, true_point_scores, root):
         self.bundle = bundle
         self.a = true_point_scores  # (n, m) effect of each point on each query's -loss
         self.calls = []
+        self.root = root
 
-    def run(self, masks, seeds, desc=""):
+    def store(self, level, masks, seeds, sampler=None):
+        c = self.bundle.num_classes
+        shapes = {"val": (20, c), "test": (self.bundle.y_test.shape[0], c)}
+        return LDSStore.open(self.root, "fake", level, masks, seeds, shapes, sampler)
+
+    def run(self, masks, seeds, desc="", store=None):
         self.calls.append(masks.clone())
+        seeds = torch.as_tensor(seeds)
+        seeds = seeds[0] if seeds.ndim == 2 else seeds
         # Craft test logits whose -loss on the queries equals masks @ a (+ const).
         s, n_test, c = masks.shape[0], self.bundle.y_test.shape[0], self.bundle.num_classes
         target = masks.double() @ self.a - 5.0  # (S, m) = -loss, so loss = 5 - masks @ a
@@ -60,22 +69,25 @@ class FakeRetrain:
         # For 2 classes with logits (t, 0): -loss = -log(1 + e^{-t}); invert for t.
         t = -torch.log(torch.expm1(-target))
         logits[:, :, q, y] = t[:, None, :]
-        return {"val": logits[:, :, :20], "test": logits}
+        out = {"val": logits[:, :, :20], "test": logits}
+        if store is not None:
+            store.write_rows({s: {k: v[s] for k, v in out.items()} for s in range(len(masks))})
+        return out
 
 
-def test_lds_is_one_when_scores_are_the_true_linear_model():
+def test_lds_is_one_when_scores_are_the_true_linear_model(tmp_path):
     b = tiny_bundle(n=30, c=2)
     b.y_test[:] = 0
     a = torch.rand(30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
     ids = torch.arange(30) % 6
     g = Grouping(ids, 6)
-    ctx = EvalContext(b, g, g.aggregate(a), QueryProperty(), FakeRetrain(b, a))
+    ctx = EvalContext(b, g, g.aggregate(a), QueryProperty(), FakeRetrain(b, a, tmp_path))
     res = LDS(num_subsets=10, levels=["group"]).evaluate(ctx)
     # group subsets are unions of groups, so sum of group scores is exact
     assert res.metrics["group/mean"] == pytest.approx(1.0)
     # singleton grouping: point-level LDS with exact point scores is 1 as well
     g1 = Grouping(torch.arange(30), 30)
-    ctx1 = EvalContext(b, g1, a, QueryProperty(), FakeRetrain(b, a))
+    ctx1 = EvalContext(b, g1, a, QueryProperty(), FakeRetrain(b, a, tmp_path))
     assert LDS(num_subsets=10, levels=["point"]).evaluate(ctx1).metrics["point/mean"] == (
         pytest.approx(1.0)
     )
@@ -121,3 +133,5 @@ def test_lds_validation():
         LDS(levels=["points"])
     with pytest.raises(ConfigError, match="evaluation.lds.num_subsets"):
         LDS(num_subsets=1)
+    with pytest.raises(ConfigError, match="evaluation.lds.seed_mode"):
+        LDS(seed_mode="each")
