@@ -8,7 +8,7 @@ from torch import nn
 
 from factory import tiny_data, tiny_task
 from ggda.attribution.base import AttributionTask, Checkpoint
-from ggda.attribution.gradients import group_gradients, select_params
+from ggda.attribution.gradients import select_params
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.kfac import FactorFitter
 from ggda.attribution.properties import PropertyExamples
@@ -17,7 +17,6 @@ from ggda.grouping import RandomGrouper
 from ggda.grouping.base import Grouping, GroupingInputs
 from ggda.models.functional import per_example_loss
 from ggda.models.nets import CNN, LogisticRegression, ResNet9, TextClassifier
-
 
 
 @pytest.fixture(autouse=True)
@@ -272,7 +271,9 @@ def test_batchnorm_and_fallback_params_get_the_diagonal_fisher():
         prm = select_params(net)
         fac = FactorFitter(net, prm, x, y, fisher="empirical", chunk=4).fit()
         psg = _per_sample_grads(net, x, y, per_example_loss)
-        sq = dict(zip(prm, torch.split((psg**2).mean(0), [v.numel() for v in prm.values()])))
+        sq = dict(
+            zip(prm, torch.split((psg**2).mean(0), [v.numel() for v in prm.values()]), strict=True)
+        )
         norm_names = [k for k in prm if ("1.weight" in k or "1.bias" in k) and prm[k].ndim == 1]
         assert fac.diag and set(fac.diag) == set(norm_names)
         for k, v in fac.diag.items():
@@ -302,7 +303,7 @@ def test_group_scores_equal_member_sums_and_brute_force(solver):
     fac = FactorFitter(net, select_params(net), task.x_train, task.y_train, fisher="exact").fit(
         ekfac=solver == "ekfac"
     )
-    neg = lambda lg, yy: -per_example_loss(lg, yy)  # noqa: E731
+    neg = lambda lg, yy: -per_example_loss(lg, yy)
     qg = _per_sample_grads(net, task.queries.x, task.queries.y, neg)
     tg = _per_sample_grads(net, task.x_train, task.y_train, per_example_loss)
     u = fac.precondition(qg, 0.1, ekfac=solver == "ekfac")
