@@ -117,7 +117,8 @@ class InfluenceFunction(Attributor):
         self.seed = int(seed)
         self.backend = check_choice("method.backend", backend, BACKENDS)
         self.max_points = check_int("method.max_points", max_points, 1)
-        self.fisher = check_choice("method.fisher", fisher, FISHERS)
+        # `method.fisher=true` on the command line arrives as a YAML boolean
+        self.fisher = check_choice("method.fisher", "true" if fisher is True else fisher, FISHERS)
         self.damping_mode = check_choice("method.damping_mode", damping_mode, DAMPING_MODES)
         self.factor_chunk = check_int("method.factor_chunk", factor_chunk, 1)
         self.max_factor_dim = check_int("method.max_factor_dim", max_factor_dim, 1)

@@ -392,3 +392,4 @@ def test_too_large_layer_names_it_and_the_options():
 def test_validation(kw, key):
     with pytest.raises(ConfigError, match=key):
         InfluenceFunction(**kw)
+    assert InfluenceFunction(fisher=True).fisher == "true"  # YAML boolean from the CLI
