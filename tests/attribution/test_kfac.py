@@ -393,3 +393,23 @@ def test_validation(kw, key):
     with pytest.raises(ConfigError, match=key):
         InfluenceFunction(**kw)
     assert InfluenceFunction(fisher=True).fisher == "true"  # YAML boolean from the CLI
+
+
+@pytest.mark.slow
+def test_cli_ekfac_factors_are_reused_across_jobs(tmp_path):
+    """Two CLI jobs with different k: the second loads the first job's factors."""
+    import json
+
+    from factory import run_cli
+
+    common = ["experiment=smoke", "logger=none", "method=ekfac", "evaluation=none"]
+    for k, cached in ((8, 0), (4, 1)):
+        res = run_cli([*common, f"groups={k}"], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        d = tmp_path / f"runs/synthetic/influence/kmeans_k{k}_s0"
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["attribution/factors_cached"] == cached
+        assert metrics["time/attribution/factors"] > 0
+    assert len(list((tmp_path / "cache" / "factors").glob("*.pt"))) == 1
+    bad = run_cli([*common, "method.fisher=model"], tmp_path)
+    assert bad.returncode == 2 and "method.fisher" in bad.stderr
