@@ -27,6 +27,7 @@ Writes ``docs/results/influence.md`` and ``influence_*.csv`` beside it (``--out`
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
@@ -167,7 +168,7 @@ def resnet_part(args) -> pd.DataFrame:
     x, y = synthetic_cifar(n + 500)
     xtr, ytr, xte, yte = x[:n], y[:n], x[n:], y[n:]
     recipe = Recipe(
-        net_factory=lambda s, c: ResNet9(s, c, width=16),
+        net_factory=functools.partial(ResNet9, width=16),
         lr=0.05,
         momentum=0.9,
         weight_decay=5e-4,
