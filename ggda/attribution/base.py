@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -58,6 +59,8 @@ class AttributionTask:
         retrain: the bound retraining service (group leave-one-out needs it), or None.
         prop: the property object behind ``queries`` (``values(logits, bundle)``), or None.
         bundle: the data bundle (splits the property reads), or None.
+        cache_dir: root of the artifact cache (methods store reusable artifacts, e.g.
+            K-FAC factors, under it), or None for no caching.
     """
 
     net: nn.Module
@@ -71,6 +74,7 @@ class AttributionTask:
     retrain: Retrainer | None = None
     prop: Any = None
     bundle: DataBundle | None = None
+    cache_dir: Path | None = None
 
     def train_gradients(
         self,

@@ -14,20 +14,41 @@ leave-group-out retraining. lambda is on the scale of a weight decay on the mean
 The inverse-HVP is applied once per property row, u_q = (H + lambda I)^{-1} grad f_q
 (m solves, never k), then every group costs one summed gradient and a dot product; group
 scores are exactly M^T times the per-sample scores.
+
+Solvers ``kfac`` and ``ekfac`` replace H by the K-FAC / EK-FAC approximation of the
+Gauss-Newton matrix of the mean loss (:mod:`ggda.attribution.kfac`), on all parameters of
+any shipped net: each query gradient is preconditioned once, layer by layer in the Kronecker
+eigenbasis (m applications, never k or n), then every group is one summed gradient
+(streamed in chunks, k x p never held) dotted with the preconditioned queries; self-influence
+is k preconditioned quadratic forms. The factors are an artifact: with a cache directory in
+the task they are stored under ``<cache_dir>/factors/<key>.pt``, keyed by the checkpoint,
+the training data, the selected parameters, the Fisher type, the sampling seed and the
+solver, and reused across groupings, k, damping and sweep jobs.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
 from ggda.attribution.hessian import SOLVERS, InverseHVP, TrainingHessian
+from ggda.attribution.kfac import DAMPING_MODES, FISHERS, FactorFitter, KroneckerFactors
 from ggda.attribution.properties import no_graph, query_gradients
 from ggda.errors import GGDAError, check_choice, check_float, check_int
 from ggda.gradients import BACKENDS, fallback_params, select_params
+from ggda.io import load_or_none, save_artifact, stable_hash, tensor_hash
 from ggda.models.functional import per_example_loss
+
+log = logging.getLogger(__name__)
+
+KFAC_SOLVERS = ("kfac", "ekfac")
+ALL_SOLVERS = (*SOLVERS, *KFAC_SOLVERS)
+# Bumped when the factor computation changes what a cached factor file holds.
+FACTORS_VERSION = 1
 
 
 class InfluenceFunction(Attributor):
@@ -35,8 +56,10 @@ class InfluenceFunction(Attributor):
 
     Args:
         solver: ``explicit`` (dense damped Hessian; up to ``max_explicit_params``),
-            ``cg`` (conjugate gradients on HVPs) or ``lissa``.
-        damping: lambda >= 0 added to the Hessian of the mean training loss.
+            ``cg`` (conjugate gradients on HVPs), ``lissa``, ``kfac`` or ``ekfac``
+            (Kronecker-factored Gauss-Newton, see :mod:`ggda.attribution.kfac`).
+        damping: lambda >= 0 added to the Hessian of the mean training loss (kfac/ekfac
+            with ``damping_mode=relative``: the factor on each block's mean eigenvalue).
         iterations: CG / LiSSA iterations.
         tol: CG relative-residual early stop.
         lissa_scale: LiSSA scale s (> top eigenvalue of H + lambda I); None = estimated.
@@ -47,6 +70,12 @@ class InfluenceFunction(Attributor):
         seed: LiSSA seed.
         backend: ``vmap`` | ``factored`` | ``loop`` for the gradients (see gradients.py).
         max_points: padded points per batched gradient chunk.
+        fisher: kfac/ekfac: ``true`` (labels sampled from the model, seeded by ``seed``),
+            ``empirical`` (the training labels) or ``exact`` (expectation over labels,
+            C backward passes per chunk).
+        damping_mode: kfac/ekfac: ``absolute`` | ``relative``.
+        factor_chunk: kfac/ekfac: training points per streamed factor chunk.
+        max_factor_dim: kfac/ekfac: largest dense Kronecker factor side (in+1 or out).
     """
 
     name = "influence"
@@ -65,8 +94,12 @@ class InfluenceFunction(Attributor):
         seed: int = 0,
         backend: str = "factored",
         max_points: int = 2048,
+        fisher: str = "true",
+        damping_mode: str = "absolute",
+        factor_chunk: int = 256,
+        max_factor_dim: int = 8192,
     ) -> None:
-        self.solver = check_choice("method.solver", solver, SOLVERS)
+        self.solver = check_choice("method.solver", solver, ALL_SOLVERS)
         self.damping = check_float("method.damping", damping, 0.0)
         self.iterations = check_int("method.iterations", iterations, 1)
         self.tol = check_float("method.tol", tol, 0.0)
@@ -84,13 +117,21 @@ class InfluenceFunction(Attributor):
         self.seed = int(seed)
         self.backend = check_choice("method.backend", backend, BACKENDS)
         self.max_points = check_int("method.max_points", max_points, 1)
+        # `method.fisher=true` on the command line arrives as a YAML boolean
+        self.fisher = check_choice("method.fisher", "true" if fisher is True else fisher, FISHERS)
+        self.damping_mode = check_choice("method.damping_mode", damping_mode, DAMPING_MODES)
+        self.factor_chunk = check_int("method.factor_chunk", factor_chunk, 1)
+        self.max_factor_dim = check_int("method.max_factor_dim", max_factor_dim, 1)
 
-    def _setup(self, task: AttributionTask) -> tuple[torch.nn.Module, dict, InverseHVP]:
+    def _net(self, task: AttributionTask) -> tuple[torch.nn.Module, dict]:
         if not task.checkpoints:
             raise GGDAError("influence functions need the final checkpoint; none given")
         net = task.net.to(task.device).eval()
         net.load_state_dict(task.checkpoints[-1].state_dict)
-        params = select_params(net, self.last_layer)
+        return net, select_params(net, self.last_layer)
+
+    def _setup(self, task: AttributionTask) -> tuple[torch.nn.Module, dict, InverseHVP]:
+        net, params = self._net(task)
         hess = TrainingHessian(
             net, params, task.x_train, task.y_train, per_example_loss, chunk=self.hvp_chunk
         )
@@ -119,6 +160,8 @@ class InfluenceFunction(Attributor):
             return self._attribute(task)
 
     def _attribute(self, task: AttributionTask) -> AttributionResult:
+        if self.solver in KFAC_SOLVERS:
+            return self._kfac_attribute(task)
         t0 = time.perf_counter()
         net, params, ihvp = self._setup(task)
         n = task.y_train.shape[0]
@@ -158,6 +201,8 @@ class InfluenceFunction(Attributor):
             return self._self_attribute(task)
 
     def _self_attribute(self, task: AttributionTask) -> AttributionResult:
+        if self.solver in KFAC_SOLVERS:
+            return self._kfac_self_attribute(task)
         t0 = time.perf_counter()
         net, params, ihvp = self._setup(task)
         n = task.y_train.shape[0]
@@ -178,4 +223,111 @@ class InfluenceFunction(Attributor):
                 "fallback_params": fallback_params(net, params),
                 **ihvp.info,
             },
+        )
+
+    # -- K-FAC / EK-FAC ---------------------------------------------------------------------
+    def factor_meta(self, task: AttributionTask, params: dict) -> dict:
+        """What decides the factors (their cache key): checkpoint, data, params, labels."""
+        state = {k: tensor_hash(v) for k, v in task.checkpoints[-1].state_dict.items()}
+        return {
+            "version": FACTORS_VERSION,
+            "state": stable_hash(state),
+            "data": [tensor_hash(task.x_train), tensor_hash(task.y_train)],
+            "params": list(params),
+            "dtype": str(next(iter(params.values())).dtype),
+            "fisher": self.fisher,
+            "seed": self.seed if self.fisher == "true" else None,
+            "solver": self.solver,
+        }
+
+    def factors(
+        self, task: AttributionTask, net: torch.nn.Module, params: dict
+    ) -> tuple[KroneckerFactors, float, bool]:
+        """The (EK-)FAC factors, from ``<cache_dir>/factors`` or fitted (then stored).
+
+        Returns:
+            (factors on the params' device, seconds spent here, whether they were cached).
+        """
+        t0 = time.perf_counter()
+        cache = getattr(task, "cache_dir", None)
+        path = meta = None
+        if cache is not None:
+            meta = self.factor_meta(task, params)
+            path = Path(cache) / "factors" / f"{stable_hash(meta)}.pt"
+            st = load_or_none(path, meta, what="K-FAC factors")
+            if st is not None:
+                log.info("Reusing cached K-FAC factors %s", path.name)
+                dev = next(iter(params.values())).device
+                return KroneckerFactors.from_state(st, dev), time.perf_counter() - t0, True
+        fitter = FactorFitter(
+            net,
+            params,
+            task.x_train,
+            task.y_train,
+            fisher=self.fisher,
+            seed=self.seed,
+            chunk=self.factor_chunk,
+            max_factor_dim=self.max_factor_dim,
+            loss_fn=per_example_loss,
+        )
+        fac = fitter.fit(ekfac=self.solver == "ekfac")
+        if path is not None:
+            save_artifact(path, fac.state(), meta)
+        return fac, time.perf_counter() - t0, False
+
+    def _kfac_info(self, fac: KroneckerFactors, cached: bool) -> dict:
+        return {
+            "num_params": sum(int(torch.tensor(s).prod()) for s in fac.shapes),
+            "factors_cached": int(cached),
+            "kfac_layers": len(fac.blocks),
+            "diag_params": sum(v.numel() for v in fac.diag.values()),
+            **{f"{k}_s": v for k, v in fac.seconds.items()},
+        }
+
+    def _precondition(self, fac: KroneckerFactors, v: torch.Tensor) -> torch.Tensor:
+        return fac.precondition(v, self.damping, self.damping_mode, self.solver == "ekfac")
+
+    def _kfac_attribute(self, task: AttributionTask) -> AttributionResult:
+        net, params = self._net(task)
+        n = task.y_train.shape[0]
+        fac, t_fac, cached = self.factors(task, net, params)
+        t0 = time.perf_counter()
+        qg = query_gradients(
+            net, task.queries, params, backend=self.backend, max_points=self.max_points
+        )
+        t1 = time.perf_counter()
+        u = self._precondition(fac, qg) / n  # (m, p): (1/n) (G~ + lambda I)^{-1} grad f_q
+        t2 = time.perf_counter()
+        scores = u.new_zeros(task.grouping.k, task.queries.m)
+        for groups, g in self._groups(net, params, task):
+            scores[groups.to(u.device)] = -(g.to(u) @ u.T)
+        t3 = time.perf_counter()
+        return AttributionResult(
+            scores=scores,
+            timings={
+                "factors": t_fac,
+                "query_gradients": t1 - t0,
+                "inverse_hvp": t2 - t1,
+                "group_gradients": t3 - t2,
+            },
+            info=self._kfac_info(fac, cached),
+        )
+
+    def _kfac_self_attribute(self, task: AttributionTask) -> AttributionResult:
+        net, params = self._net(task)
+        n = task.y_train.shape[0]
+        fac, t_fac, cached = self.factors(task, net, params)
+        t0 = time.perf_counter()
+        scores: torch.Tensor | None = None
+        for groups, g in self._groups(net, params, task):
+            if scores is None:
+                scores = g.new_zeros(task.grouping.k, 1)
+            u = self._precondition(fac, g)
+            scores[groups.to(g.device), 0] = (g * u).sum(1) / n
+        if scores is None:
+            raise GGDAError("no groups to score")
+        return AttributionResult(
+            scores=scores,
+            timings={"factors": t_fac, "self_attribution": time.perf_counter() - t0},
+            info=self._kfac_info(fac, cached),
         )

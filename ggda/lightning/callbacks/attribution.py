@@ -62,6 +62,7 @@ class GroupAttributionCallback(GGDACallback):
             retrain=ctx.retrain,
             prop=ctx.prop,
             bundle=bundle,
+            cache_dir=ctx.cache_dir,
         )
         result = self._attribute()
         ctx.result = result
