@@ -335,9 +335,9 @@ def test_all_parameters_of_every_shipped_net_run():
         task = AttributionTask(
             net, [Checkpoint(net.state_dict(), 0.1, 1)], x, y, Grouping(torch.arange(n) % 3, 3), q
         )
-        res = InfluenceFunction(solver="ekfac", damping=0.1, damping_mode="relative").attribute(
-            task
-        )
+        res = InfluenceFunction(
+            solver="ekfac", damping=0.1, damping_mode="relative", last_layer=False
+        ).attribute(task)
         assert res.scores.shape == (3, 2) and torch.isfinite(res.scores).all()
         assert res.info["num_params"] == sum(p.numel() for p in net.parameters())
         assert res.info["kfac_layers"] >= 2
@@ -345,7 +345,7 @@ def test_all_parameters_of_every_shipped_net_run():
 
 def test_factors_are_cached_and_reused(tmp_path):
     n = 20
-    method = InfluenceFunction(solver="ekfac", damping=0.1)
+    method = InfluenceFunction(solver="ekfac", damping=0.1, last_layer=False)
     task = tiny_task(torch.arange(n), n, kind="mlp", n=n)
     task.cache_dir = tmp_path
     first = method.attribute(task)
@@ -356,14 +356,14 @@ def test_factors_are_cached_and_reused(tmp_path):
     grp = RandomGrouper(4, seed=0).group(GroupingInputs(task.x_train, task.y_train, 3))
     task2 = tiny_task(grp.group_ids, grp.k, kind="mlp", n=n)
     task2.cache_dir = tmp_path
-    other = InfluenceFunction(solver="ekfac", damping=0.3)
+    other = InfluenceFunction(solver="ekfac", damping=0.3, last_layer=False)
     second = other.attribute(task2)
     assert second.info["factors_cached"] == 1
     assert len(list((tmp_path / "factors").glob("*.pt"))) == 1
     fresh = other.attribute(tiny_task(grp.group_ids, grp.k, kind="mlp", n=n))
     assert torch.allclose(second.scores, fresh.scores, atol=1e-12)
     # a different Fisher type is a different artifact
-    InfluenceFunction(solver="ekfac", fisher="empirical").attribute(task)
+    InfluenceFunction(solver="ekfac", fisher="empirical", last_layer=False).attribute(task)
     assert len(list((tmp_path / "factors").glob("*.pt"))) == 2
 
 
@@ -371,7 +371,7 @@ def test_too_large_layer_names_it_and_the_options():
     n = 10
     task = tiny_task(torch.arange(n), n, kind="mlp", n=n)
     with pytest.raises(ConfigError) as e:
-        InfluenceFunction(solver="kfac", max_factor_dim=5).attribute(task)
+        InfluenceFunction(solver="kfac", max_factor_dim=5, last_layer=False).attribute(task)
     msg = str(e.value)
     assert "method.max_factor_dim" in msg and "body.1" in msg and "method.last_layer=true" in msg
     # the head alone fits (in 4 + 1 bias = 5)
