@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def follow_jobs_without_accounting() -> bool:
 _CLASS: dict[str, type] = {}
 
 
-def _watcher_class(ss) -> type:  # noqa: ANN001 - the submitit.slurm.slurm module
+def _watcher_class(ss: Any) -> type:
     """A subclass of submitit's ``SlurmInfoWatcher``, made once (submitit imports lazily)."""
     if "watcher" in _CLASS:
         return _CLASS["watcher"]
@@ -93,8 +94,7 @@ def _watcher_class(ss) -> type:  # noqa: ANN001 - the submitit.slurm.slurm modul
                     why = res.stderr.decode(errors="replace").strip().splitlines()
                     log.warning(
                         "sacct does not answer here (%s): following SLURM jobs with squeue "
-                        "instead; submitit's 'Bypassing sacct error' warnings are replaced "
-                        "by this one note",
+                        "instead (said once, in place of submitit's warning at every poll)",
                         why[-1] if why else f"exit status {res.returncode}",
                     )
             if self.use_squeue:
@@ -125,4 +125,3 @@ def _watcher_class(ss) -> type:  # noqa: ANN001 - the submitit.slurm.slurm modul
 
     _CLASS["watcher"] = SqueueFallbackWatcher
     return SqueueFallbackWatcher
-
