@@ -262,3 +262,72 @@ def test_sweep_jobs_holding_every_cpu_with_slurm_retrains_do_not_deadlock(
         assert "within this job's allocation" in log
     assert not (tmp_path / "cache" / "submitit").exists()  # no retrain array was submitted
     assert "Bypassing sacct error" not in res.stdout + res.stderr
+
+
+def _fake_tools(bin_dir: Path, squeue_out: str, squeue_rc: int = 0) -> None:
+    """sacct failing as it does without accounting, and an squeue with a canned answer."""
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(
+        "#!/bin/sh\necho 'Slurm accounting storage is disabled' >&2\nexit 1\n"
+    )
+    (bin_dir / "squeue").write_text(
+        f'#!/bin/sh\necho "$@" >> {bin_dir}/squeue.args\n'
+        f"cat <<'OUT'\n{squeue_out}OUT\n"
+        + ("echo 'slurm_load_jobs error: Invalid job id specified' >&2\n" if squeue_rc else "")
+        + f"exit {squeue_rc}\n"
+    )
+    for f in ("sacct", "squeue"):
+        (bin_dir / f).chmod(0o755)
+
+
+def test_without_accounting_jobs_are_followed_with_squeue(tmp_path, monkeypatch, caplog):
+    """No cluster needed: sacct fails (one note, no per-poll warning), squeue's states are
+    read, and a job squeue no longer lists counts as finished instead of pending forever."""
+    from submitit.slurm import slurm as ss
+
+    from ggda import cluster
+
+    _fake_tools(tmp_path / "bin", "7_0|RUNNING|vm\n7_1|CANCELLED|vm\n9_[0-1%1]|PENDING|\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr(ss.SlurmJob, "watcher", ss.SlurmInfoWatcher(delay_s=600))
+    assert cluster.follow_jobs_without_accounting()
+    watcher = ss.SlurmJob.watcher
+    assert isinstance(watcher, ss.SlurmInfoWatcher) and type(watcher) is not ss.SlurmInfoWatcher
+    assert cluster.follow_jobs_without_accounting() and ss.SlurmJob.watcher is watcher
+    for job in ("7_0", "7_1", "8", "9_0", "9_1"):
+        watcher.register_job(job)
+    with caplog.at_level("DEBUG"):
+        watcher.update()
+        watcher.update()
+    states = {j: watcher.get_state(j, mode="cache") for j in ("7_0", "7_1", "8", "9_0", "9_1")}
+    assert states == {
+        "7_0": "RUNNING",
+        "7_1": "CANCELLED",
+        "8": cluster.GONE,  # finished and purged: done, so a missing result raises
+        "9_0": "PENDING",
+        "9_1": "PENDING",
+    }
+    assert watcher.is_done("7_1", mode="cache") and watcher.is_done("8", mode="cache")
+    assert not watcher.is_done("7_0", mode="cache") and not watcher.is_done("9_1", mode="cache")
+    notes = [r for r in caplog.records if "sacct does not answer" in r.getMessage()]
+    assert len(notes) == 1 and "accounting storage is disabled" in notes[0].getMessage()
+    assert not [r for r in caplog.records if "Bypassing sacct" in r.getMessage()]
+    # The second poll asked squeue only about jobs not finished yet (7 and 9, not 8).
+    asked = (tmp_path / "bin" / "squeue.args").read_text().splitlines()
+    assert asked[0].endswith("-j 7,8,9") and asked[1].endswith("-j 7,9")
+
+
+def test_squeue_knowing_none_of_the_jobs_means_they_are_gone(tmp_path, monkeypatch):
+    from submitit.slurm import slurm as ss
+
+    from ggda import cluster
+
+    _fake_tools(tmp_path / "bin", "", squeue_rc=1)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr(ss.SlurmJob, "watcher", ss.SlurmInfoWatcher(delay_s=600))
+    cluster.follow_jobs_without_accounting()
+    watcher = ss.SlurmJob.watcher
+    watcher.register_job("5_0")
+    watcher.update()
+    assert watcher.get_state("5_0", mode="cache") == cluster.GONE
+    assert watcher.is_done("5_0", mode="cache")
