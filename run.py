@@ -7,7 +7,10 @@ import hydra
 from omegaconf import DictConfig
 
 import ggda.config  # noqa: F401  (registers the config's resolvers)
+from ggda.cluster import follow_jobs_without_accounting
 from ggda.errors import GGDAError
+
+follow_jobs_without_accounting()  # submitit_slurm sweeps: squeue where sacct fails
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -8,7 +8,10 @@ and reused by every method, grouping and sweep job that asks for the same subset
 
 Backends: ``sequential`` (in this process), ``process`` (a local pool of worker processes,
 one torch thread each) and ``submitit`` (retrains submitted as submitit jobs: SLURM array
-jobs with ``executor: slurm``, local processes with ``executor: local``).
+jobs with ``executor: slurm``, local processes with ``executor: local``). A SLURM array
+is submitted only from a process outside any SLURM job; inside one (a ``submitit_slurm``
+sweep job, an ``sbatch`` script) ``executor: slurm`` retrains within the job's own
+allocation, since an array it waited for could need the very CPUs it holds.
 
 Concurrency: many sweep jobs share one cache. Every entry is written atomically (temp file
 + rename) and computed under a per-entry POSIX lock (``.<entry>.lock`` beside it): a job
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ggda.cluster import follow_jobs_without_accounting, slurm_job_id
 from ggda.data.base import DataBundle
 from ggda.errors import GGDAError, check_choice, check_int
 from ggda.evaluation.lds_store import LDSStore
@@ -403,8 +407,10 @@ class RetrainService:
         items: list[Item] = [(p, meta, idx, seed) for p, (meta, idx, seed, _) in todo.items()]
         if not items:
             computed = 0
-        elif self.backend == "submitit" and device == "cpu":
+        elif self.backend == "submitit" and device == "cpu" and not self._in_allocation():
             computed = self._run_submitit(items, desc)
+        elif self.backend == "submitit" and device == "cpu":  # inside a SLURM job
+            computed = self._run_in_allocation(items, desc)
         elif (
             self.backend == "process"
             and device == "cpu"
@@ -471,11 +477,44 @@ class RetrainService:
             bar.close()
         return computed
 
+    # Where ``executor: slurm`` runs the retrains (said once per service, with the reason).
+    _said_route = False
+
+    def _in_allocation(self) -> bool:
+        """``executor: slurm`` from inside a SLURM job (``SLURM_JOB_ID`` set).
+
+        Such a process holds CPUs; an array job it submitted and waited for could need
+        exactly those CPUs and stay pending forever (on a full cluster or under a per-user
+        job limit), so from inside a job the retrains run within its allocation instead.
+        Array fan-out happens only from a launching process outside any job.
+        """
+        return self.executor == "slurm" and slurm_job_id() is not None
+
+    def _run_in_allocation(self, items: list[Item], desc: str) -> int:
+        """Retrain ``items`` in this SLURM job's own allocation: a pool of ``workers``
+        processes (0 = the job's ``SLURM_CPUS_PER_TASK``), one torch thread each, or in this
+        process when there is one CPU or few items."""
+        pool = self.workers > 1 and len(items) >= self.min_parallel
+        if not self._said_route:
+            self._said_route = True
+            log.info(
+                "retrain.executor=slurm inside SLURM job %s: retrains run within this job's "
+                "allocation (%s), not as a new array job, which would wait for the CPUs "
+                "this job holds",
+                slurm_job_id(),
+                f"{min(self.workers, len(items))} worker processes" if pool else "this process",
+            )
+        if pool:
+            return self._run_pool(items, desc)
+        return compute_entries(self.recipe, self.bundle, items, "cpu", desc)[1]
+
     def _submitit_executor(self) -> Any:
         try:
             import submitit
         except ImportError as e:  # pragma: no cover - a declared dependency
             raise GGDAError("retrain.backend=submitit needs `pip install submitit`") from e
+        if self.executor == "slurm":
+            follow_jobs_without_accounting()  # squeue where sacct fails, one note
         self.submitit_folder.mkdir(parents=True, exist_ok=True)
         try:
             ex = submitit.AutoExecutor(
@@ -523,11 +562,12 @@ class RetrainService:
             [threads] * n_jobs,
         )
         log.info(
-            "%s: %d retrains submitted as %d %s submitit jobs (logs in %s)",
+            "%s: %d retrains submitted as %d %s submitit jobs%s (logs in %s)",
             desc,
             len(items),
             n_jobs,
             self.executor,
+            " (one array job, from outside any SLURM job)" if self.executor == "slurm" else "",
             self.submitit_folder,
         )
         computed = 0
