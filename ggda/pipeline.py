@@ -26,6 +26,7 @@ from ggda import tracking
 from ggda.attribution.base import Checkpoint
 from ggda.callbacks.base import GGDACallback, RunContext
 from ggda.callbacks.checkpoint import EpochCheckpoint
+from ggda.config import drop_presentation
 from ggda.data.datamodule import BundleDataModule
 from ggda.errors import GGDAError
 from ggda.io import atomic_write_json, diff_keys, stable_hash
@@ -43,9 +44,6 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARN
 # Bumped when code changes what a cached artifact holds for the same config (data
 # preprocessing, training loop), so that stale caches are not reused.
 CACHE_VERSION = 2
-
-# Config keys that do not change a run's results (so they do not make it "different").
-_VOLATILE = ("overwrite", "logger", "callbacks", "paths", "retrain", "trainer", "hydra")
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -92,13 +90,7 @@ def cache_keys(
     data_key = stable_hash({"data": data, "version": CACHE_VERSION})
     model = OmegaConf.to_container(cfg.model, resolve=True)
     recipe_key = stable_hash({"data": data_key, "model": model})
-    model_key = stable_hash(
-        {
-            "recipe": recipe_key,
-            "seed": int(cfg.seed),
-            "precision": str(cfg.trainer.get("precision", "32-true")),
-        }
-    )
+    model_key = base_model_key(recipe_key, int(cfg.seed), cfg)
     grouping_key = stable_hash(
         {"data": data_key, "grouper": grouper_cfg, "model": model_key if uses_model else None}
     )
@@ -115,9 +107,22 @@ def cache_keys(
 
 
 def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
-    """Key of a model trained with the recipe and seed (base model or ensemble member)."""
-    precision = str(cfg.trainer.get("precision", "32-true"))
-    return stable_hash({"recipe": recipe_key, "seed": seed, "precision": precision})
+    """Key of a model trained with the recipe and seed (base model or ensemble member).
+
+    Every result-deciding ``trainer`` key (precision, determinism, gradient clipping, ...)
+    is in it; the presentation ones (progress bars, accelerator) are not.
+    """
+    return stable_hash({"recipe": recipe_key, "seed": seed, "trainer": trainer_results(cfg)})
+
+
+def trainer_results(cfg: DictConfig) -> dict[str, Any]:
+    """The ``trainer`` keys that decide a trained model (``ggda.config.PRESENTATION_KEYS``
+    removed); precision is spelled out so that the default and an explicit
+    ``32-true`` share a key."""
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    out = drop_presentation({"trainer": kw})["trainer"]
+    out["precision"] = str(out.get("precision", "32-true"))
+    return out
 
 
 def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe) -> ModelStore:
@@ -173,9 +178,9 @@ def train_member(
 
 
 def results_config(cfg: DictConfig) -> dict:
-    """The resolved config minus keys that do not change results."""
-    full = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in full.items() if k not in _VOLATILE}
+    """The resolved config minus its presentation keys (``ggda.config.PRESENTATION_KEYS``):
+    two runs with the same results config produce the same results."""
+    return drop_presentation(OmegaConf.to_container(cfg, resolve=True))
 
 
 def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
