@@ -47,9 +47,11 @@ CACHE_VERSION = 2
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """Instantiate a ``_target_`` config node, dropping its display ``name``."""
+    """Instantiate a ``_target_`` config node, dropping its display ``name`` and the
+    ``warn_share`` of a grouping node (read by the attribution callback)."""
     cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     cfg.pop("name", None)
+    cfg.pop("warn_share", None)
     try:
         return instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as e:
@@ -223,12 +225,26 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    """Loggers from the ``logger`` group (a dict of ``_target_`` nodes; empty = none)."""
+    """Loggers from the ``logger`` group (a dict of ``_target_`` nodes; empty = none),
+    with the run's config logged.
+
+    A W&B run is named after the run directory (``grad_kmeans_k100_s0``, or the sweep
+    job's ``groups=10,grouping=singleton``); its config holds the resolved config plus
+    ``groups_requested`` (the ``groups`` value as given) and, once grouped, ``grouping/k``
+    (the effective k), and ``grouping/k`` is the step metric of ``lds/*`` and ``time/*``.
+    """
     loggers = []
     for _, node in (cfg.get("logger") or {}).items():
         if node is None:
             continue
-        loggers.append(build(node))
+        target = str(node.get("_target_", ""))
+        kw = {"name": run_dir.name} if target.endswith("WandbLogger") else {}
+        loggers.append(build(node, **kw))
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params["groups_requested"] = params.get("groups")
+    for lg in loggers:
+        lg.log_hyperparams(params)
+    tracking.define_metrics(loggers)
     return loggers
 
 
@@ -269,8 +285,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
     store = model_store(cfg, keys, int(cfg.seed), recipe)
     loggers = build_loggers(cfg, run_dir)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     ctx = RunContext(
         run_dir=run_dir,
         cache_dir=cache_dir,

@@ -37,6 +37,31 @@ def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int | N
                 lg.experiment.summary[k] = v if math.isfinite(v) else None
 
 
+def set_config(loggers: Sequence[Any], values: dict[str, Any]) -> None:
+    """Add keys to every logger's run config (W&B: ``config.update``, values may change)."""
+    for lg in loggers:
+        if _is_wandb(lg):
+            lg.experiment.config.update(values, allow_val_change=True)
+        else:
+            lg.log_hyperparams(values)
+
+
+# Metrics that a W&B dashboard plots against the effective number of groups.
+STEP_METRIC = "grouping/k"
+K_METRICS = ("lds/*", "time/*", "attribution/*", "speedup/*")
+
+
+def define_metrics(loggers: Sequence[Any]) -> None:
+    """W&B: ``grouping/k`` is the step metric of ``lds/*``, ``time/*`` and the other
+    per-run results, so that a panel over a sweep's runs draws them against k."""
+    for lg in loggers:
+        if _is_wandb(lg):
+            run = lg.experiment
+            run.define_metric(STEP_METRIC)
+            for pattern in K_METRICS:
+                run.define_metric(pattern, step_metric=STEP_METRIC)
+
+
 def log_table(run_dir: Path, loggers: Sequence[Any], name: str, df: pd.DataFrame) -> Path:
     """Write ``tables/<name>.csv`` atomically and log the table to W&B."""
     path = Path(run_dir) / "tables" / f"{name.replace('/', '_')}.csv"
