@@ -141,6 +141,8 @@ def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kw.pop("_target_", None)
+    if tracking.is_multirun():  # jobs' epoch bars would interleave; each job logs its stages
+        kw["enable_progress_bar"] = False
     return kw
 
 
@@ -239,7 +241,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
             continue
         target = str(node.get("_target_", ""))
         kw = {"name": run_dir.name} if target.endswith("WandbLogger") else {}
-        loggers.append(build(node, **kw))
+        lg = build(node, **kw)
+        init = getattr(lg, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)  # Lightning passes None; W&B warns about the key
+        loggers.append(lg)
     params = OmegaConf.to_container(cfg, resolve=True)
     params["groups_requested"] = params.get("groups")
     for lg in loggers:
@@ -251,6 +257,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or reuse) the base model, group, attribute, evaluate; return the metrics."""
     t_start = time.perf_counter()
+    tracking.quiet_console()
     run_dir = _run_dir(cfg)
     finished = check_run_dir(run_dir, cfg)
     if finished is not None:
@@ -358,18 +365,94 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(run_dir / "metrics.json", ctx.metrics)  # last: marks the run finished
     tracking.log_scalars(loggers, {"time/total": ctx.metrics["time/total"]})
     tracking.finish(loggers)
-    _print_summary(run_dir, ctx.metrics)
+    _print_summary(
+        run_dir,
+        ctx.metrics,
+        per_sample_reference(cfg, keys, attributor.config(), vars(prop)),
+        per_sample_command(),
+    )
     return ctx.metrics
 
 
-def _print_summary(run_dir: Path, m: dict[str, Any]) -> None:
+def per_sample_reference(
+    cfg: DictConfig, keys: dict[str, str], method_cfg: dict, prop_cfg: dict
+) -> float | None:
+    """Attribution seconds of the cached per-sample (``grouping=singleton``) result of the
+    same data, model, method and queries, or None when none is cached."""
+    from ggda.grouping.singleton import SingletonGrouper
+    from ggda.io import load_or_none
+
+    single = SingletonGrouper(seed=int(cfg.seed))
+    ref = cache_keys(cfg, single.config(), single.uses_model, method_cfg, prop_cfg)
+    if ref["scores"] == keys["scores"]:
+        return None  # this run is the per-sample one
+    path = Path(cfg.paths.cache_dir) / "scores" / f"{ref['scores']}.pt"
+    cached = load_or_none(path, what="per-sample scores")
+    if cached is None:
+        return None
+    secs = (cached.get("timings") or {}).get("total")
+    return float(secs) if secs is not None else None
+
+
+def per_sample_command() -> str:
+    """The command that makes the per-sample reference of this run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        task = []
+    keep = [
+        o
+        for o in task
+        if o.lstrip("~+").split("=", 1)[0].split(".")[0] not in ("grouping", "groups")
+    ]
+    import shlex
+
+    return " ".join(["python run.py", *(shlex.quote(o) for o in keep), "grouping=singleton"])
+
+
+def _print_summary(
+    run_dir: Path, m: dict[str, Any], per_sample_s: float | None = None, command: str = ""
+) -> None:
+    """The run's results at a glance: fidelity, groups, cost, speed-up vs per-sample."""
     lines = [f"ggda results ({run_dir}):"]
     for key in sorted(m):
-        if key.split("/")[0] in ("lds", "pruning", "noisy_labels", "loo") and key.endswith("mean"):
+        headline = key.split("/")[0] in ("lds", "pruning", "noisy_labels", "loo") and (
+            key.endswith("/mean") or key == "noisy_labels/auc"
+        )
+        if headline and isinstance(m[key], (int, float)):
             lines.append(f"  {key:<28s} {m[key]:.4f}")
-    for key in ("time/attribution", "time/grouping", "time/total"):
+    if "grouping/k" in m:
+        n = int(m.get("data/n_train", 0))
+        share = m.get("grouping/largest_share", float("nan"))
+        lines.append(
+            f"  {'grouping/k':<28s} {int(m['grouping/k'])} of n={n}; largest group "
+            f"{int(m.get('grouping/size_max', 0))} points ({100 * share:.0f} % of n)"
+        )
+    for key in ("time/attribution", "time/grouping", "time/attribution+grouping"):
         if key in m:
             lines.append(f"  {key:<28s} {m[key]:.2f} s")
+    if "attribution/epochs" in m:
+        lines.append(
+            f"  {'attribution/epochs':<28s} {m['attribution/epochs']:.2f} "
+            f"(time/epoch {m['time/epoch']:.2f} s)"
+        )
+    if "time/total" in m:
+        lines.append(f"  {'time/total':<28s} {m['time/total']:.2f} s")
+    both = m.get("time/attribution+grouping")
+    if m.get("grouping/k") is not None and m.get("grouping/k") == m.get("data/n_train"):
+        lines.append("  (per-sample run: the reference that grouped runs are compared with)")
+    elif per_sample_s is not None and both:
+        lines.append(
+            f"  {'speed-up vs per-sample':<28s} {per_sample_s / both:.2f}x "
+            f"(cached per-sample attribution {per_sample_s:.2f} s vs "
+            f"{both:.2f} s attribution + grouping)"
+        )
+    elif command:
+        lines.append(
+            f"  speed-up vs per-sample: no cached per-sample result; make one with\n    {command}"
+        )
     print("\n".join(lines), flush=True)
 
 

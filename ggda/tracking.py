@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,37 @@ import pandas as pd
 from ggda.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+# Warnings known to be harmless for ggda's use of Lightning, W&B and torch (messages as
+# regular expressions); everything else still shows.
+HARMLESS_WARNINGS = (
+    r"The `srun` command is available on your system but is not used",  # not under SLURM
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning vs torch 2.13
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"The given NumPy array is not writable",  # read-only memory-mapped scores.npy
+    r".*does not have many workers which may be a bottleneck",  # in-memory tensors
+    r"The anonymous setting has no effect",  # W&B
+)
+
+
+def quiet_console() -> None:
+    """Filter the known harmless warnings and silence W&B's banners (the run directory
+    and ``wandb sync`` say where a run went). ``WANDB_SILENT=false`` brings them back."""
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def is_multirun() -> bool:
+    """True inside a Hydra multirun job (``python run.py -m ...``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ValueError, ImportError):
+        return False
 
 
 def _is_wandb(logger: Any) -> bool:

@@ -118,6 +118,14 @@ class GroupAttributionCallback(GGDACallback):
         grouping = self._grouping(net, device)
         ctx.grouping = grouping
         self._log_sizes(grouping)
+        log.info(
+            "grouped: %s, k=%d of n=%d, largest group %.0f %% of n (%.2f s)",
+            ctx.grouper.name,
+            grouping.k,
+            grouping.n,
+            100 * ctx.metrics["grouping/largest_share"],
+            ctx.metrics.get("time/grouping", float("nan")),
+        )
         atomic_torch_save(ctx.run_dir / "grouping.pt", grouping.group_ids)
         maybe_fail("grouped")
 
@@ -157,6 +165,16 @@ class GroupAttributionCallback(GGDACallback):
         )
         ctx.log({"attribution/k": grouping.k, "attribution/m": queries.m})
         self._log_cost()
+        log.info(
+            "attributed: %s, %d x %d scores (%.2f s%s)",
+            ctx.attributor.name,
+            grouping.k,
+            queries.m,
+            ctx.metrics.get("time/attribution", float("nan")),
+            f", {ctx.metrics['attribution/epochs']:.2f} training epochs"
+            if "attribution/epochs" in ctx.metrics
+            else "",
+        )
         self._report(grouping, result)
 
     def _log_sizes(self, grouping: Grouping) -> None:

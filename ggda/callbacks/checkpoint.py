@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from ggda.callbacks.base import GGDACallback, RunContext
 from ggda.faults import maybe_fail
 from ggda.io import atomic_write_json
 from ggda.models.store import ModelStore
+
+log = logging.getLogger(__name__)
 
 
 class EpochCheckpoint(GGDACallback):
@@ -34,6 +37,15 @@ class EpochCheckpoint(GGDACallback):
         if self.store is None:
             raise RuntimeError("EpochCheckpoint has no model store (see ggda.pipeline)")
         return self.store
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch < (trainer.max_epochs or 0):
+            log.info(
+                "training the base model: epochs %d-%d into %s",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                self._store().dir,
+            )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_t0 = time.perf_counter()

@@ -165,7 +165,7 @@ def compute_entries(
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     computed, busy = 0, []
-    bar = tqdm(total=len(items), desc=desc, leave=False, disable=not desc)
+    bar = tqdm(total=len(items), desc=desc, leave=False, disable=None if desc else True)
     for blocking, todo in ((False, items), (True, busy)):
         for path, meta, idx, seed in todo:
             try:
@@ -389,7 +389,7 @@ class RetrainService:
             initializer=_init_worker,
             initargs=(self.recipe, self.bundle, 1),
         ) as pool:
-            bar = tqdm(total=len(items), desc=desc, leave=False)
+            bar = tqdm(total=len(items), desc=desc, leave=False, disable=None)
             # First what no other process is computing, then wait for the rest.
             for blocking in (False, True):
                 futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
@@ -464,7 +464,7 @@ class RetrainService:
             self.submitit_folder,
         )
         computed = 0
-        for job in tqdm(jobs, desc=desc, leave=False):
+        for job in tqdm(jobs, desc=desc, leave=False, disable=None):
             try:
                 computed += int(job.result())
             except Exception as e:
