@@ -21,6 +21,8 @@ from ggda.grouping.features import FEATURES, GRADIENT_KINDS, compute_features
 INITS = ("k-means++", "random")
 # k-means++ draws its centres in at most this many rounds (exact k-means++ when k <= 33).
 PP_ROUNDS = 32
+# capacity_assign keeps the (n, k) distance matrix when it has at most this many entries.
+DENSE_ASSIGN = 1 << 25
 
 
 def _sq_dists(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,6 +172,9 @@ def capacity_assign(
     """
     n, k = x.shape[0], c.shape[0]
     labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    # Distances are computed once when the (n, k) matrix is small; each round is then a
+    # masked min instead of a GEMM (the rounds are many when one centre attracts most points).
+    dmat = _sq_dists(x, c) if n * k <= DENSE_ASSIGN else None
     rounds = 0
     for cap in caps:
         room = torch.full((k,), cap, dtype=torch.long, device=x.device)
@@ -178,7 +183,10 @@ def capacity_assign(
             if free.numel() == 0 or not bool((room > 0).any()):
                 break
             rounds += 1
-            prop, dist = assign(x[free], c, chunk, mask=room > 0)
+            if dmat is not None:
+                dist, prop = dmat[free].masked_fill_(~(room > 0)[None, :], float("inf")).min(1)
+            else:
+                prop, dist = assign(x[free], c, chunk, mask=room > 0)
             order = torch.argsort(dist)
             rank = rank_within(prop, order, k)
             ok = rank < room[prop]
@@ -217,7 +225,7 @@ def capped_lloyd(
     x: torch.Tensor,
     c: torch.Tensor,
     cap: int,
-    iters: int = 10,
+    iters: int = 5,
     info: dict | None = None,
 ) -> torch.Tensor:
     """Lloyd iterations whose assignment step is capacity-constrained (size <= ``cap``).
