@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -48,7 +49,10 @@ def save_scores(run_dir: Path, scores: torch.Tensor, mmap_bytes: int) -> str:
     os.close(fd)
     try:
         arr = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=str(scores.dtype).removeprefix("torch."), shape=scores.shape
+            tmp,
+            mode="w+",
+            dtype=str(scores.dtype).removeprefix("torch."),
+            shape=tuple(scores.shape),
         )
         rows = max(1, (64 << 20) // max(1, scores.shape[1] * scores.element_size()))
         for s in range(0, scores.shape[0], rows):  # 64 MB at a time off the device
@@ -81,7 +85,9 @@ def load_scores(run_dir: str | Path, mmap: bool = True) -> torch.Tensor:
             name = SCORES_NPY
     if name == SCORES_NPY:
         arr = np.load(run_dir / SCORES_NPY, mmap_mode="r" if mmap else None)
-        return torch.from_numpy(np.asarray(arr) if not mmap else arr)
+        with warnings.catch_warnings():  # a read-only map: torch warns that it is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
     return torch.load(run_dir / SCORES_PT)
 
 
