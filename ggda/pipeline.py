@@ -262,6 +262,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finished = check_run_dir(run_dir, cfg)
     if finished is not None:
         log.info("%s already holds finished results of this config; nothing to do.", run_dir)
+        _print_finished(cfg, run_dir, finished)
         finished["skipped"] = True
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -410,6 +411,18 @@ def per_sample_command() -> str:
     import shlex
 
     return " ".join(["python run.py", *(shlex.quote(o) for o in keep), "grouping=singleton"])
+
+
+def _print_finished(cfg: DictConfig, run_dir: Path, m: dict[str, Any]) -> None:
+    """The summary of a finished run, with the speed-up against a per-sample result that
+    may have been cached since."""
+    try:
+        keys = json.loads((run_dir / "config.json").read_text())["keys"]
+        method, prop = build(cfg.method), build(cfg.property)
+        ref = per_sample_reference(cfg, keys, method.config(), vars(prop))
+    except (OSError, KeyError, ValueError, GGDAError):
+        ref = None
+    _print_summary(run_dir, m, ref, per_sample_command())
 
 
 def _print_summary(
