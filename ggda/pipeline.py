@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,9 @@ def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kw.pop("_target_", None)
-    if tracking.is_multirun():  # jobs' epoch bars would interleave; each job logs its stages
+    # A multirun's epoch bars would interleave, and a log file gets every redraw: there the
+    # one-line stage logs say what happens.
+    if tracking.is_multirun() or not sys.stderr.isatty():
         kw["enable_progress_bar"] = False
     return kw
 
