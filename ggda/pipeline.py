@@ -444,7 +444,7 @@ def _print_summary(
         share = m.get("grouping/largest_share", float("nan"))
         lines.append(
             f"  {'grouping/k':<28s} {int(m['grouping/k'])} of n={n}; largest group "
-            f"{int(m.get('grouping/size_max', 0))} points ({100 * share:.0f} % of n)"
+            f"{int(m.get('grouping/size_max', 0))} points ({100 * share:.1f} % of n)"
         )
     for key in ("time/attribution", "time/grouping", "time/attribution+grouping"):
         if key in m:

@@ -91,6 +91,17 @@ def load_scores(run_dir: str | Path, mmap: bool = True) -> torch.Tensor:
     return torch.load(run_dir / SCORES_PT)
 
 
+def _grouper_label(grouper) -> str:
+    """``kmeans (gradients, cap 2)``: the grouper with what distinguishes its presets."""
+    parts = [str(getattr(grouper, "features", ""))]
+    if getattr(grouper, "balanced", False):
+        parts.append("balanced")
+    elif getattr(grouper, "max_size_factor", None) is not None:
+        parts.append(f"size cap {grouper.max_size_factor:g} n/k")
+    extra = ", ".join(p for p in parts if p)
+    return f"{grouper.name} ({extra})" if extra else grouper.name
+
+
 class GroupAttributionCallback(GGDACallback):
     """on_fit_end: grouping (cached), then attribution (cached), logged and saved.
 
@@ -125,8 +136,8 @@ class GroupAttributionCallback(GGDACallback):
         ctx.grouping = grouping
         self._log_sizes(grouping)
         log.info(
-            "grouped: %s, k=%d of n=%d, largest group %.0f %% of n (%.2f s)",
-            ctx.grouper.name,
+            "grouped: %s, k=%d of n=%d, largest group %.1f %% of n (%.2f s)",
+            _grouper_label(ctx.grouper),
             grouping.k,
             grouping.n,
             100 * ctx.metrics["grouping/largest_share"],
@@ -198,7 +209,7 @@ class GroupAttributionCallback(GGDACallback):
                 "grouping.warn_share=%.2f); group-level results are then dominated by it. "
                 "Cap group sizes (grouping.max_size_factor=2, grouping.balanced=true) or "
                 "pick another grouping.",
-                ctx.grouper.name,
+                _grouper_label(ctx.grouper),
                 int(summary["size_max"]),
                 grouping.n,
                 100 * share,
