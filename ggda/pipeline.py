@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import ggda.config  # noqa: F401  (registers the config resolvers before any compose)
 from ggda import tracking
+from ggda.config import drop_presentation
 from ggda.errors import ConfigError, GGDAError
 from ggda.evaluation.base import metric_namespaces
 from ggda.io import atomic_write_json, diff_keys, stable_hash
@@ -47,14 +49,14 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARN
 # preprocessing, training loop), so that stale caches are not reused.
 CACHE_VERSION = 2
 
-# Config keys that do not change a run's results (so they do not make it "different").
-_VOLATILE = ("overwrite", "logger", "callbacks", "paths", "retrain", "trainer", "hydra")
-
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """Instantiate a ``_target_`` config node, dropping its display ``name``."""
+    """Instantiate a ``_target_`` config node, dropping its display ``name`` and the
+    ``warn_share`` of a grouping node (read by the attribution callback).
+    """
     cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     cfg.pop("name", None)
+    cfg.pop("warn_share", None)
     try:
         return instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as e:
@@ -108,13 +110,7 @@ def cache_keys(
     data_key = stable_hash({"data": data, "version": CACHE_VERSION})
     model = OmegaConf.to_container(cfg.model, resolve=True)
     recipe_key = stable_hash({"data": data_key, "model": model})
-    model_key = stable_hash(
-        {
-            "recipe": recipe_key,
-            "seed": int(cfg.seed),
-            "precision": str(cfg.trainer.get("precision", "32-true")),
-        }
-    )
+    model_key = base_model_key(recipe_key, int(cfg.seed), cfg)
     grouping_key = stable_hash(
         {"data": data_key, "grouper": grouper_cfg, "model": model_key if uses_model else None}
     )
@@ -131,9 +127,23 @@ def cache_keys(
 
 
 def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
-    """Key of a model trained with the recipe and seed (base model or ensemble member)."""
-    precision = str(cfg.trainer.get("precision", "32-true"))
-    return stable_hash({"recipe": recipe_key, "seed": seed, "precision": precision})
+    """Key of a model trained with the recipe and seed (base model or ensemble member).
+
+    Every result-deciding ``trainer`` key (precision, determinism, gradient clipping, ...)
+    is in it; the presentation ones (progress bars, accelerator) are not.
+    """
+    return stable_hash({"recipe": recipe_key, "seed": seed, "trainer": trainer_results(cfg)})
+
+
+def trainer_results(cfg: DictConfig) -> dict[str, Any]:
+    """The ``trainer`` keys that decide a trained model (``ggda.config.PRESENTATION_KEYS``
+    removed); precision is spelled out so that the default and an explicit
+    ``32-true`` share a key.
+    """
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    out = drop_presentation({"trainer": kw})["trainer"]
+    out["precision"] = str(out.get("precision", "32-true"))
+    return out
 
 
 def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe) -> ModelStore:
@@ -150,6 +160,10 @@ def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kw.pop("_target_", None)
+    # A multirun's epoch bars would interleave, and a log file gets every redraw: there the
+    # one-line stage logs say what happens.
+    if tracking.is_multirun() or not sys.stderr.isatty():
+        kw["enable_progress_bar"] = False
     return kw
 
 
@@ -191,9 +205,10 @@ def train_member(
 
 
 def results_config(cfg: DictConfig) -> dict:
-    """The resolved config minus keys that do not change results."""
-    full = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in full.items() if k not in _VOLATILE}
+    """The resolved config minus its presentation keys (``ggda.config.PRESENTATION_KEYS``):
+    two runs with the same results config produce the same results.
+    """
+    return drop_presentation(OmegaConf.to_container(cfg, resolve=True))
 
 
 def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -236,22 +251,42 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    """Loggers from the ``logger`` group (a dict of ``_target_`` nodes; empty = none)."""
+    """Loggers from the ``logger`` group (a dict of ``_target_`` nodes; empty = none),
+    with the run's config logged.
+
+    A W&B run is named after the run directory (``grad_kmeans_k100_s0``, or the sweep
+    job's ``groups=10,grouping=singleton``); its config holds the resolved config plus
+    ``groups_requested`` (the ``groups`` value as given) and, once grouped, ``grouping/k``
+    (the effective k), and ``grouping/k`` is the step metric of ``lds/*`` and ``time/*``.
+    """
     loggers = []
     for _, node in (cfg.get("logger") or {}).items():
         if node is None:
             continue
-        loggers.append(build(node))
+        target = str(node.get("_target_", ""))
+        kw = {"name": run_dir.name} if target.endswith("WandbLogger") else {}
+        lg = build(node, **kw)
+        init = getattr(lg, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)  # Lightning passes None; W&B warns about the key
+        loggers.append(lg)
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params["groups_requested"] = params.get("groups")
+    for lg in loggers:
+        lg.log_hyperparams(params)
+    tracking.define_metrics(loggers)
     return loggers
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or reuse) the base model, group, attribute, evaluate; return the metrics."""
     t_start = time.perf_counter()
+    tracking.quiet_console()
     run_dir = _run_dir(cfg)
     finished = check_run_dir(run_dir, cfg)
     if finished is not None:
         log.info("%s already holds finished results of this config; nothing to do.", run_dir)
+        _print_finished(cfg, run_dir, finished)
         finished["skipped"] = True
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -284,8 +319,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
     store = model_store(cfg, keys, int(cfg.seed), recipe)
     loggers = build_loggers(cfg, run_dir)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     ctx = RunContext(
         run_dir=run_dir,
         cache_dir=cache_dir,
@@ -359,18 +392,108 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(run_dir / "metrics.json", ctx.metrics)  # last: marks the run finished
     tracking.log_scalars(loggers, {"time/total": ctx.metrics["time/total"]})
     tracking.finish(loggers)
-    _print_summary(run_dir, ctx.metrics)
+    _print_summary(
+        run_dir,
+        ctx.metrics,
+        per_sample_reference(cfg, keys, attributor.config(), vars(prop)),
+        per_sample_command(),
+    )
     return ctx.metrics
 
 
-def _print_summary(run_dir: Path, m: dict[str, Any]) -> None:
+def per_sample_reference(
+    cfg: DictConfig, keys: dict[str, str], method_cfg: dict, prop_cfg: dict
+) -> float | None:
+    """Attribution seconds of the cached per-sample (``grouping=singleton``) result of the
+    same data, model, method and queries, or None when none is cached.
+    """
+    from ggda.grouping.singleton import SingletonGrouper
+    from ggda.io import load_or_none
+
+    single = SingletonGrouper(seed=int(cfg.seed))
+    ref = cache_keys(cfg, single.config(), single.uses_model, method_cfg, prop_cfg)
+    if ref["scores"] == keys["scores"]:
+        return None  # this run is the per-sample one
+    path = Path(cfg.paths.cache_dir) / "scores" / f"{ref['scores']}.pt"
+    cached = load_or_none(path, what="per-sample scores")
+    if cached is None:
+        return None
+    secs = (cached.get("timings") or {}).get("total")
+    return float(secs) if secs is not None else None
+
+
+def per_sample_command() -> str:
+    """The command that makes the per-sample reference of this run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        task = []
+    keep = [
+        o
+        for o in task
+        if o.lstrip("~+").split("=", 1)[0].split(".")[0] not in ("grouping", "groups")
+    ]
+    import shlex
+
+    return " ".join(["python run.py", *(shlex.quote(o) for o in keep), "grouping=singleton"])
+
+
+def _print_finished(cfg: DictConfig, run_dir: Path, m: dict[str, Any]) -> None:
+    """The summary of a finished run, with the speed-up against a per-sample result that
+    may have been cached since.
+    """
+    try:
+        keys = json.loads((run_dir / "config.json").read_text())["keys"]
+        method, prop = build(cfg.method), build(cfg.property)
+        ref = per_sample_reference(cfg, keys, method.config(), vars(prop))
+    except (OSError, KeyError, ValueError, GGDAError):
+        ref = None
+    _print_summary(run_dir, m, ref, per_sample_command())
+
+
+def _print_summary(
+    run_dir: Path, m: dict[str, Any], per_sample_s: float | None = None, command: str = ""
+) -> None:
+    """The run's results at a glance: fidelity, groups, cost, speed-up vs per-sample."""
     lines = [f"ggda results ({run_dir}):"]
     for key in sorted(m):
-        if key.split("/")[0] in metric_namespaces() and key.endswith("mean"):
+        headline = key.split("/")[0] in metric_namespaces() and (
+            key.endswith("/mean") or key == "noisy_labels/auc"
+        )
+        if headline and isinstance(m[key], (int, float)):
             lines.append(f"  {key:<28s} {m[key]:.4f}")
-    for key in ("time/attribution", "time/grouping", "time/total"):
+    if "grouping/k" in m:
+        n = int(m.get("data/n_train", 0))
+        share = m.get("grouping/largest_share", float("nan"))
+        lines.append(
+            f"  {'grouping/k':<28s} {int(m['grouping/k'])} of n={n}; largest group "
+            f"{int(m.get('grouping/size_max', 0))} points ({100 * share:.1f} % of n)"
+        )
+    for key in ("time/attribution", "time/grouping", "time/attribution+grouping"):
         if key in m:
             lines.append(f"  {key:<28s} {m[key]:.2f} s")
+    if "attribution/epochs" in m:
+        lines.append(
+            f"  {'attribution/epochs':<28s} {m['attribution/epochs']:.2f} "
+            f"(time/epoch {m['time/epoch']:.2f} s)"
+        )
+    if "time/total" in m:
+        lines.append(f"  {'time/total':<28s} {m['time/total']:.2f} s")
+    both = m.get("time/attribution+grouping")
+    if m.get("grouping/k") is not None and m.get("grouping/k") == m.get("data/n_train"):
+        lines.append("  (per-sample run: the reference that grouped runs are compared with)")
+    elif per_sample_s is not None and both:
+        lines.append(
+            f"  {'speed-up vs per-sample':<28s} {per_sample_s / both:.2f}x "
+            f"(cached per-sample attribution {per_sample_s:.2f} s vs "
+            f"{both:.2f} s attribution + grouping)"
+        )
+    elif command:
+        lines.append(
+            f"  speed-up vs per-sample: no cached per-sample result; make one with\n    {command}"
+        )
     print("\n".join(lines), flush=True)
 
 

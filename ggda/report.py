@@ -61,6 +61,17 @@ T_ATTR = "time/attribution"
 T_GROUP = "time/grouping"
 T_BOTH = "time/attribution+grouping"
 LDS = {"point": "lds/point/mean", "group": "lds/group/mean"}
+# 95 % interval half-width of the mean LDS over the queries (one seed: the error bar).
+CI = {level: f"lds/{level}/ci95" for level in LDS}
+SIZES = ("grouping/size_max", "grouping/largest_share")
+COST = ("time/epoch", "attribution/epochs")
+# A grouped run is a candidate answer when it keeps this share of the per-sample LDS.
+KEEP = 0.9
+BEST_RULE = (
+    f"per method: the cheapest run (attribution + grouping time) whose point LDS is at least "
+    f"{KEEP:.0%} of the per-sample (k = n) point LDS of the same method; without such a run, "
+    "the grouped run with the highest point LDS"
+)
 NO_BASELINE = (
     "no k = n (per-sample) run in this sweep: add one, e.g. "
     "`grouping=singleton` with the same method, to get speedups"
@@ -126,8 +137,13 @@ def _read_run(d: Path, root: Path) -> dict[str, Any] | None:
         "wandb_project": (resolved.get("logger") or {}).get("wandb", {}).get("project"),
     }
     row |= {m: v for m, v in metrics.items() if m not in row}
-    if T_ATTR in row:
+    if T_ATTR in row and T_BOTH not in metrics:
         row[T_BOTH] = float(row[T_ATTR]) + float(row.get(T_GROUP, 0.0) or 0.0)
+    for level in LDS:
+        std, m = metrics.get(f"lds/{level}/std"), metrics.get("attribution/m")
+        if std is not None and m:
+            q = max(1.0, float(m) - float(metrics.get(f"lds/{level}/nan_count", 0.0)))
+            row[CI[level]] = 1.96 * float(std) / math.sqrt(q)
     row["_cfg"] = {k: v for k, v in _flatten(results).items() if k not in _IGNORED}
     # Same results config in two places (e.g. runs/ and multirun/): counted once.
     row["_id"] = stable_hash({k: v for k, v in results.items() if k != "sweep_name"})
@@ -217,27 +233,42 @@ def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _eval_columns(df: pd.DataFrame) -> list[str]:
+    """Headline columns of the noisy-label and pruning evaluations present in ``df``."""
+    cols = [
+        c for c in df.columns if c == "noisy_labels/auc" or c.startswith("noisy_labels/recall/")
+    ]
+    cols += [c for c in df.columns if c.startswith("pruning/") and c.endswith("/acc_mean")]
+    cols += [
+        c
+        for c in df.columns
+        if c.split("/")[0] in metric_namespaces() - {"lds"} and c.endswith("mean") and c not in cols
+    ]
+    return cols
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Seed-averaged table: mean and std of the headline metrics per configuration and k."""
+    """Seed-averaged table: mean and std of the headline metrics per configuration and k
+    (with the group sizes, the cost in epochs and the 95 % query intervals)."""
     cols = [
         c
         for c in (
             LDS["point"],
             LDS["group"],
+            CI["point"],
+            CI["group"],
+            *SIZES,
             T_ATTR,
             T_GROUP,
             T_BOTH,
+            *COST,
             "speedup/attribution",
             "speedup/with_grouping",
             "time/total",
         )
         if c in df
     ]
-    cols += [
-        c
-        for c in df.columns
-        if c.split("/")[0] in metric_namespaces() - {"lds"} and c.endswith("mean")
-    ]
+    cols += _eval_columns(df)
     keys = [*BASE, "variant", "k", "n_train"]
     g = df.groupby(keys, dropna=False, sort=True)
     out = g[cols].mean()
@@ -248,6 +279,67 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         c for pair in zip(cols, [f"{c} std" for c in cols], strict=True) for c in pair
     ]
     return out[ordered].reset_index()
+
+
+def choose_best(summary: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """The answer per method under :data:`BEST_RULE`.
+
+    Returns:
+        {method: {"k", "grouping", "variant", "lds_point", "baseline_lds", "keeps"
+        (share of the per-sample LDS), "speedup" (with grouping; NaN without a k = n run),
+        "meets" (whether it keeps >= KEEP)}}; methods without point LDS are left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if LDS["point"] not in summary:
+        return out
+    for method, sub in summary.groupby("method", sort=True):
+        sub = sub[sub[LDS["point"]].notna()]
+        base = sub[sub["k"] == sub["n_train"]]
+        grouped = sub[sub["k"] < sub["n_train"]]
+        if grouped.empty:
+            continue
+        ref = float(base[LDS["point"]].max()) if len(base) else math.nan
+        cost = T_BOTH if T_BOTH in grouped else "k"
+        ok = grouped[grouped[LDS["point"]] >= KEEP * ref] if math.isfinite(ref) else grouped[:0]
+        pick = (
+            ok.sort_values([cost, "k"]).iloc[0]
+            if len(ok)
+            else grouped.sort_values(LDS["point"], ascending=False).iloc[0]
+        )
+        speed = pick.get("speedup/with_grouping", math.nan)
+        out[str(method)] = {
+            "k": int(pick["k"]),
+            "grouping": str(pick["grouping"]),
+            "variant": str(pick["variant"]),
+            "lds_point": float(pick[LDS["point"]]),
+            "baseline_lds": ref,
+            "keeps": float(pick[LDS["point"]]) / ref if math.isfinite(ref) and ref else math.nan,
+            "speedup": float(speed) if speed is not None else math.nan,
+            "meets": bool(len(ok)),
+        }
+    return out
+
+
+def answer_lines(best: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per method: "k = X keeps Y % of per-sample LDS at Z x the speed"."""
+    lines = []
+    for method, b in best.items():
+        where = f"{b['grouping']}" + (f" [{b['variant']}]" if b["variant"] else "")
+        if not math.isfinite(b["keeps"]):
+            lines.append(
+                f"- **{method}**: k = {b['k']} ({where}) has the best grouped point LDS "
+                f"({b['lds_point']:.3f}); no per-sample run to compare with "
+                "(add `grouping=singleton`)."
+            )
+            continue
+        speed = f"{b['speedup']:.2f}x the speed" if math.isfinite(b["speedup"]) else "unknown speed"
+        head = "" if b["meets"] else f"no grouped k keeps {KEEP:.0%}; the best, "
+        lines.append(
+            f"- **{method}**: {head}k = {b['k']} ({where}) keeps {100 * b['keeps']:.0f} % of "
+            f"per-sample LDS ({b['lds_point']:.3f} of {b['baseline_lds']:.3f}) at {speed} "
+            "(attribution + grouping)."
+        )
+    return lines
 
 
 # -- plotting ----------------------------------------------------------------------------
@@ -278,7 +370,7 @@ def _lines(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, dict]]:
             "linestyle": styles[groupings.index(grouping) % len(styles)],
         }
         num = sub.select_dtypes("number").drop(columns=["k"])
-        agg = num.groupby(sub["k"]).agg(["mean", "std"])
+        agg = num.groupby(sub["k"]).agg(["mean", "std", "count"])
         out.append((label, agg, style))
     return out
 
@@ -292,6 +384,29 @@ def _col(agg: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
         return None
     std = agg[(col, "std")].fillna(0.0)
     return agg.index[ok].to_numpy(), mean[ok].to_numpy(), std[ok].to_numpy()
+
+
+def _lds_err(agg: pd.DataFrame, level: str):
+    """(k, mean LDS, error bar, kind): std over seeds where a k has several seeds, else the
+    95 % interval of the mean over queries (kind ``seeds`` or ``queries``)."""
+    got = _col(agg, LDS[level])
+    if got is None:
+        return None
+    k, mean, std = got
+    counts = agg[(LDS[level], "count")].loc[k].to_numpy()
+    if (counts > 1).all():
+        return k, mean, std, "seeds"
+    ci = _col(agg, CI[level])
+    err = pd.Series(ci[1], ci[0]).reindex(k).fillna(0.0).to_numpy() if ci else np.zeros_like(mean)
+    return k, mean, np.where(counts > 1, std, err), "queries"
+
+
+def _err_caption(kinds: set[str]) -> str:
+    if kinds == {"seeds"}:
+        return "error bars: std over seeds"
+    if kinds == {"queries"}:
+        return "error bars: 95 % interval of the mean over queries (one seed)"
+    return "error bars: std over seeds; 95 % interval over queries where one seed"
 
 
 def _plain_log(axis: Any, minor: bool = True) -> None:
@@ -338,26 +453,27 @@ def _legend(fig: Any, axes: Sequence[Any]) -> None:
 
 
 def plot_lds(df: pd.DataFrame) -> Any:
-    """LDS (point and group level) against k, one line per method and grouping."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
-    for ax, (level, col) in zip(axes, LDS.items(), strict=True):
-        drawn = False
+    """LDS (point and group level) against k, one line per method and grouping; error bars
+    from seeds, or 95 % intervals over queries with one seed (the title says which)."""
+    levels = [(lv, c) for lv, c in LDS.items() if c in df and df[c].notna().any()]
+    fig, axes = plt.subplots(
+        1, len(levels), figsize=(5.5 * len(levels) + 0.5, 4.8), sharey=True, layout="constrained"
+    )
+    axes = np.atleast_1d(axes)
+    kinds: set[str] = set()
+    for ax, (level, _) in zip(axes, levels, strict=True):
         for label, agg, style in _lines(df):
-            got = _col(agg, col)
+            got = _lds_err(agg, level)
             if got is None:
                 continue
-            k, mean, std = got
-            ax.errorbar(k, mean, yerr=std, label=label, capsize=3, ms=5, **style)
-            drawn = True
-        if not drawn:
-            ax.text(
-                0.5, 0.5, f"no {level}-level LDS in these runs", ha="center", transform=ax.transAxes
-            )
+            k, mean, err, kind = got
+            kinds.add(kind)
+            ax.errorbar(k, mean, yerr=err, label=label, capsize=3, ms=5, **style)
         _k_axis(ax, df)
         ax.set_title(f"{level}-level LDS")
         ax.set_ylabel("LDS (mean Spearman over queries)")
-    fig.suptitle("Fidelity vs number of groups (error bars: std over seeds)")
-    _legend(fig, axes)
+    fig.suptitle(f"Fidelity vs number of groups ({_err_caption(kinds)})")
+    _legend(fig, list(axes))
     return fig
 
 
@@ -382,34 +498,31 @@ def plot_time(df: pd.DataFrame) -> Any:
 
 
 def plot_speedup(df: pd.DataFrame) -> Any:
-    """Speedup against the k = n run of the same sweep and method, against k."""
+    """Speedup against the k = n run of the same sweep and method, against k (drawn only
+    when the sweep has one; methods without one are named on the figure)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
-    have = df["has_baseline"].any()
     missing = sorted(df.loc[~df["has_baseline"], "method"].unique())
     for ax, (col, title) in zip(
         axes,
         (("speedup/attribution", "attribution"), ("speedup/with_grouping", "incl. grouping")),
         strict=True,
     ):
-        if have:
-            for label, agg, style in _lines(df):
-                got = _col(agg, col)
-                if got is not None:
-                    ax.errorbar(got[0], got[1], yerr=got[2], label=label, capsize=3, ms=5, **style)
-            ax.axhline(1.0, color="0.3", lw=0.8)
-            ax.set_yscale("log")
-            _plain_log(ax.yaxis)
+        for label, agg, style in _lines(df):
+            got = _col(agg, col)
+            if got is not None:
+                ax.errorbar(got[0], got[1], yerr=got[2], label=label, capsize=3, ms=5, **style)
+        ax.axhline(1.0, color="0.3", lw=0.8)
+        ax.set_yscale("log")
+        _plain_log(ax.yaxis)
         if missing:
-            msg = NO_BASELINE if not have else f"no k = n run for: {', '.join(missing)}"
             ax.text(
                 0.5,
-                0.5 if not have else 0.05,
-                msg.replace(": ", ":\n", 1),
+                0.05,
+                f"no k = n run for: {', '.join(missing)}",
                 ha="center",
-                va="center" if not have else "bottom",
+                va="bottom",
                 transform=ax.transAxes,
                 fontsize=9,
-                wrap=True,
                 bbox={"boxstyle": "round", "fc": "lightyellow", "ec": "0.6"},
             )
         _k_axis(ax, df)
@@ -417,6 +530,84 @@ def plot_speedup(df: pd.DataFrame) -> Any:
         ax.set_ylabel("T(k = n) / T(k)  (log scale)")
     fig.suptitle("Speedup vs number of groups (against the k = n run of the same method)")
     _legend(fig, axes)
+    return fig
+
+
+def plot_noisy_labels(df: pd.DataFrame) -> Any:
+    """Noisy-label detection against k: ROC-AUC, and recall at each inspected fraction."""
+    recalls = sorted(
+        (c for c in df.columns if c.startswith("noisy_labels/recall/") and c[20:] != "mean"),
+        key=lambda c: float(c.rsplit("/", 1)[1]),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
+    for label, agg, style in _lines(df):
+        got = _col(agg, "noisy_labels/auc")
+        if got is not None:
+            axes[0].errorbar(got[0], got[1], yerr=got[2], label=label, capsize=3, ms=5, **style)
+        for i, col in enumerate(recalls):
+            got = _col(agg, col)
+            if got is None:
+                continue
+            st = style | {"alpha": 0.35 + 0.65 * (i + 1) / len(recalls)}
+            frac = col.rsplit("/", 1)[1]
+            axes[1].plot(got[0], got[1], ms=5, **st, label=f"{label}, {frac} inspected")
+    axes[0].axhline(0.5, color="0.5", lw=0.8, ls="--")
+    axes[0].set_title("ROC-AUC of the point ranking (0.5 = random)")
+    axes[0].set_ylabel("AUC")
+    axes[1].set_title("recall of flipped labels at a fraction inspected")
+    axes[1].set_ylabel("recall")
+    for ax in axes:
+        _k_axis(ax, df)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Noisy-label detection vs number of groups (error bars: std over seeds)")
+    return fig
+
+
+def _pruning_curves(df: pd.DataFrame) -> dict[str, list[tuple[float, str]]]:
+    """{order: [(fraction, column)]} of the ``pruning/<order>/<fraction>/acc_mean`` columns."""
+    out: dict[str, list[tuple[float, str]]] = {}
+    for c in df.columns:
+        parts = c.split("/")
+        if len(parts) == 4 and parts[0] == "pruning" and parts[3] == "acc_mean":
+            try:
+                out.setdefault(parts[1], []).append((float(parts[2]), c))
+            except ValueError:
+                continue
+    return {o: sorted(v) for o, v in sorted(out.items())}
+
+
+def plot_pruning(df: pd.DataFrame) -> Any:
+    """Test accuracy (retrained) against the fraction removed, one panel per removal order,
+    one line per method / grouping / k (random removal dashed grey)."""
+    curves = _pruning_curves(df)
+    orders = [o for o in curves if o != "random"] or list(curves)
+    fig, axes = plt.subplots(
+        1, len(orders), figsize=(5.5 * len(orders) + 0.5, 4.8), sharey=True, layout="constrained"
+    )
+    axes = np.atleast_1d(axes)
+    ks = sorted({int(k) for k in df["k"].dropna()})
+    for ax, order in zip(axes, orders, strict=True):
+        for label, agg, style in _lines(df):
+            for j, k in enumerate(ks):
+                if k not in agg.index:
+                    continue
+                pts = [(f, agg.loc[k, (c, "mean")]) for f, c in curves[order] if (c, "mean") in agg]
+                pts = [(f, v) for f, v in pts if np.isfinite(v)]
+                if not pts:
+                    continue
+                st = style | {"alpha": 0.4 + 0.6 * (j + 1) / len(ks)}
+                ax.plot(*zip(*pts, strict=True), **st, ms=5, label=f"{label}, k={k}")
+                if "random" in curves and order != "random":
+                    rnd = [(f, agg.loc[k, (c, "mean")]) for f, c in curves["random"]]
+                    rnd = [(f, v) for f, v in rnd if np.isfinite(v)]
+                    if rnd:
+                        ax.plot(*zip(*rnd, strict=True), color="0.6", ls="--", lw=0.8)
+        ax.set_title(f"{order} groups removed first (grey dashed: random)")
+        ax.set_xlabel("fraction of training points removed")
+        ax.set_ylabel("test accuracy (retrained)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Dataset pruning: test accuracy vs fraction removed, per k")
     return fig
 
 
@@ -487,11 +678,21 @@ def plot_frontier(df: pd.DataFrame) -> Any:
     return fig
 
 
+def _has(df: pd.DataFrame, *cols: str) -> bool:
+    return all(c in df and df[c].notna().any() for c in cols)
+
+
+# name: (plot, whether the sweep has what it draws). A figure is written only when it has.
 FIGURES = {
-    "lds_vs_k": plot_lds,
-    "time_vs_k": plot_time,
-    "speedup_vs_k": plot_speedup,
-    "frontier": plot_frontier,
+    "lds_vs_k": (plot_lds, lambda df: _has(df, LDS["point"]) or _has(df, LDS["group"])),
+    "time_vs_k": (plot_time, lambda df: _has(df, T_ATTR)),
+    "speedup_vs_k": (plot_speedup, lambda df: bool(df["has_baseline"].any())),
+    "frontier": (
+        plot_frontier,
+        lambda df: (_has(df, LDS["point"]) or _has(df, LDS["group"])) and _has(df, T_BOTH),
+    ),
+    "noisy_labels_vs_k": (plot_noisy_labels, lambda df: _has(df, "noisy_labels/auc")),
+    "pruning_vs_removed": (plot_pruning, lambda df: bool(_pruning_curves(df))),
 }
 
 
@@ -504,27 +705,84 @@ def _save_fig(fig: Any, path: Path) -> Path:
     return path
 
 
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "-" if not math.isfinite(v) else format(v, spec)
+
+
+def _pm(row: pd.Series, col: str, spec: str = ".3f") -> str:
+    if col not in row or not np.isfinite(row[col]):
+        return "-"
+    sd = row.get(f"{col} std", math.nan)
+    return _fmt(row[col], spec) + (f" ± {_fmt(sd, spec)}" if row["runs"] > 1 and sd > 0 else "")
+
+
+def compact_table(summary: pd.DataFrame) -> str:
+    """A short markdown table: one row per configuration and k, the headline columns only
+    (every column is in ``summary.csv``)."""
+    cols = [
+        ("point LDS", LDS["point"], ".3f"),
+        ("group LDS", LDS["group"], ".3f"),
+        ("largest group", "grouping/largest_share", ".0%"),
+        ("attr+group s", T_BOTH, ".2f"),
+        ("attr epochs", "attribution/epochs", ".2f"),
+        ("speed-up", "speedup/with_grouping", ".2f"),
+        ("AUC", "noisy_labels/auc", ".3f"),
+    ]
+    cols = [c for c in cols if c[1] in summary and summary[c[1]].notna().any()]
+    head = ["method", "grouping", "k", "runs", *(c[0] for c in cols)]
+    multi_variant = summary["variant"].astype(str).str.len().gt(0).any()
+    if multi_variant:
+        head.insert(2, "variant")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        k = f"{int(r['k'])}" + (" (= n)" if r["k"] == r["n_train"] else "")
+        cells = [str(r["method"]), str(r["grouping"])]
+        if multi_variant:
+            cells.append(str(r["variant"]) or "-")
+        cells += [k, str(int(r["runs"]))]
+        cells += [_pm(r, col, spec) for _, col, spec in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _markdown(
     root: Path,
     df: pd.DataFrame,
     summary: pd.DataFrame,
     unfinished: list[Path],
     figures: dict[str, Path],
+    best: dict[str, dict[str, Any]],
 ) -> str:
+    seeds = int(summary["runs"].max()) if len(summary) else 0
     lines = [
         f"# ggda sweep report: {root}",
         "",
         f"{len(df)} finished runs"
         + (f", {len(unfinished)} unfinished (no metrics.json)" if unfinished else "")
-        + ".",
+        + f"; ± is the std over seeds (up to {seeds} per row)."
+        + (" Speed-up: T(k = n) / T(k), attribution + grouping." if len(df) else ""),
     ]
+    if best:
+        lines += ["", "Which k? (" + BEST_RULE + ")", "", *answer_lines(best)]
     if not df["has_baseline"].any():
         lines += ["", f"Speedups: {NO_BASELINE}."]
-    lines += ["", "```", summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "```"]
+    lines += ["", compact_table(summary), "", "All columns: `summary.csv`, `runs.csv`."]
     lines += [""] + [f"![{name}]({p.name})" for name, p in figures.items()]
     if unfinished:
         lines += ["", "Unfinished runs:"] + [f"- {d}" for d in unfinished]
     return "\n".join(lines) + "\n"
+
+
+def wandb_run_id(root: Path) -> str:
+    """The summary run's id: a hash of the sweep directory, so that a second report of the
+    same sweep updates the same W&B run (``resume="allow"``) instead of adding one."""
+    import hashlib
+
+    return "report-" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
 
 
 def log_to_wandb(
@@ -534,11 +792,21 @@ def log_to_wandb(
     out: Path,
     project: str,
     group: str,
+    root: Path,
+    best: dict[str, dict[str, Any]],
 ) -> str:
-    """Log the tables and figures as one W&B run (job type ``report``) in ``group``.
+    """Log the sweep as one W&B run (job type ``report``) in ``group``, updated in place.
 
-    Offline unless ``WANDB_MODE`` says otherwise. Returns the run's local directory.
+    The run (id :func:`wandb_run_id`, display name ``report-<group>``, tags: the sweep tag
+    ``sweep:<group>``, ``report``, datasets and methods) holds the two tables, native charts
+    (``wandb.plot.line`` of point and group LDS vs k, one line per method / grouping;
+    ``wandb.plot.scatter`` of point LDS vs attribution + grouping time), the figures, and
+    ``best/<method>/...`` summary entries chosen under :data:`BEST_RULE`. An earlier offline
+    copy of the same run under ``out/wandb`` is replaced. Offline unless ``WANDB_MODE``
+    says otherwise. Returns the run's local directory.
     """
+    import shutil
+
     import wandb
 
     def table(frame: pd.DataFrame) -> Any:
@@ -548,24 +816,56 @@ def log_to_wandb(
                 frame[c] = frame[c].astype(str)
         return wandb.Table(dataframe=frame)
 
-    tags = sorted({*df["dataset"].astype(str), *df["method"].astype(str), "report"})
+    run_id = wandb_run_id(root)
+    for old in (out / "wandb").glob(f"*-{run_id}"):  # the previous report's offline copy
+        shutil.rmtree(old, ignore_errors=True)
+    tags = sorted(
+        {*df["dataset"].astype(str), *df["method"].astype(str), "report", f"sweep:{group}"}
+    )
     run = wandb.init(
         project=project,
         group=group,
         job_type="report",
         name=f"report-{group}",
+        id=run_id,
+        resume="allow",
         tags=tags,
         dir=str(out),
         mode=os.environ.get("WANDB_MODE", "offline"),
-        config={"num_runs": len(df), "methods": sorted(df["method"].unique())},
+        config={
+            "num_runs": len(df),
+            "methods": sorted(df["method"].unique()),
+            "sweep_dir": str(root),
+            "best_rule": BEST_RULE,
+        },
+        allow_val_change=True,
         reinit="finish_previous",
     )
-    run.log({"report/runs": table(df), "report/summary": table(summary)})
+    curves = summary.assign(
+        config=summary["method"].astype(str) + " / " + summary["grouping"].astype(str)
+    )
+    charts: dict[str, Any] = {}
+    for level, col in LDS.items():
+        if col in curves and curves[col].notna().any():
+            t = table(curves[["config", "k", col]].dropna().rename(columns={col: f"lds_{level}"}))
+            charts[f"chart/lds_{level}_vs_k"] = wandb.plot.line(
+                t, "k", f"lds_{level}", stroke="config", title=f"{level}-level LDS vs k"
+            )
+    if LDS["point"] in curves and T_BOTH in curves:
+        pts = curves[["config", "k", T_BOTH, LDS["point"]]].dropna()
+        pts = pts.rename(columns={T_BOTH: "seconds", LDS["point"]: "lds_point"})
+        charts["chart/lds_vs_time"] = wandb.plot.scatter(
+            table(pts), "seconds", "lds_point", title="point LDS vs attribution + grouping time"
+        )
+    run.log({"report/runs": table(df), "report/summary": table(summary), **charts})
     run.log({f"report/{name}": wandb.Image(str(p)) for name, p in figures.items()})
-    best = df.sort_values(LDS["point"], ascending=False).iloc[0] if LDS["point"] in df else None
-    if best is not None:
-        run.summary["best/lds_point"] = float(best[LDS["point"]])
-        run.summary["best/k"] = int(best["k"])
+    run.summary["best/rule"] = BEST_RULE
+    for method, b in best.items():
+        for key in ("k", "grouping", "lds_point", "keeps", "speedup"):
+            v = b[key]
+            run.summary[f"best/{method}/{key}"] = (
+                None if isinstance(v, float) and not math.isfinite(v) else v
+            )
     local = str(run.dir)
     run.finish()
     return local
@@ -600,11 +900,19 @@ def report(
     atomic_write_bytes(files["runs.csv"], df.to_csv(index=False).encode())
     files["summary.csv"] = out / "summary.csv"
     atomic_write_bytes(files["summary.csv"], summary.to_csv(index=False).encode())
-    figures = {name: _save_fig(fn(df), out / f"{name}.png") for name, fn in FIGURES.items()}
+    figures = {
+        name: _save_fig(fn(df), out / f"{name}.png")
+        for name, (fn, wanted) in FIGURES.items()
+        if wanted(df)
+    }
+    for name in FIGURES:  # a stale figure of an earlier report of the same directory
+        if name not in figures:
+            (out / f"{name}.png").unlink(missing_ok=True)
     files |= {f"{n}.png": p for n, p in figures.items()}
+    best = choose_best(summary)
     files["report.md"] = out / "report.md"
     atomic_write_bytes(
-        files["report.md"], _markdown(root, df, summary, unfinished, figures).encode()
+        files["report.md"], _markdown(root, df, summary, unfinished, figures, best).encode()
     )
     if unfinished:
         log.warning(
@@ -617,13 +925,14 @@ def report(
         "summary": summary,
         "files": files,
         "unfinished": unfinished,
+        "best": best,
     }
     if wandb:
         sweeps = sorted(df["sweep_name"].dropna().astype(str).unique())
         group = sweeps[0] if len(sweeps) == 1 else root.name
         projects = df["wandb_project"].dropna().unique()
         proj = project or (str(projects[0]) if len(projects) else "ggda")
-        result["wandb_dir"] = log_to_wandb(df, summary, figures, out, proj, group)
+        result["wandb_dir"] = log_to_wandb(df, summary, figures, out, proj, group, root, best)
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,38 @@ import pandas as pd
 from ggda.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+# Warnings known to be harmless for ggda's use of Lightning, W&B and torch (messages as
+# regular expressions); everything else still shows.
+HARMLESS_WARNINGS = (
+    r"The `srun` command is available on your system but is not used",  # not under SLURM
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning vs torch 2.13
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"The given NumPy array is not writable",  # read-only memory-mapped scores.npy
+    r".*does not have many workers which may be a bottleneck",  # in-memory tensors
+    r"The anonymous setting has no effect",  # W&B
+)
+
+
+def quiet_console() -> None:
+    """Filter the known harmless warnings and silence W&B's banners (the run directory
+    and ``wandb sync`` say where a run went). ``WANDB_SILENT=false`` brings them back.
+    """
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def is_multirun() -> bool:
+    """True inside a Hydra multirun job (``python run.py -m ...``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ValueError, ImportError):
+        return False
 
 
 def _is_wandb(logger: Any) -> bool:
@@ -35,6 +68,32 @@ def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int | N
         if _is_wandb(lg):
             for k, v in clean.items():
                 lg.experiment.summary[k] = v if math.isfinite(v) else None
+
+
+def set_config(loggers: Sequence[Any], values: dict[str, Any]) -> None:
+    """Add keys to every logger's run config (W&B: ``config.update``, values may change)."""
+    for lg in loggers:
+        if _is_wandb(lg):
+            lg.experiment.config.update(values, allow_val_change=True)
+        else:
+            lg.log_hyperparams(values)
+
+
+# Metrics that a W&B dashboard plots against the effective number of groups.
+STEP_METRIC = "grouping/k"
+K_METRICS = ("lds/*", "time/*", "attribution/*", "speedup/*")
+
+
+def define_metrics(loggers: Sequence[Any]) -> None:
+    """W&B: ``grouping/k`` is the step metric of ``lds/*``, ``time/*`` and the other
+    per-run results, so that a panel over a sweep's runs draws them against k.
+    """
+    for lg in loggers:
+        if _is_wandb(lg):
+            run = lg.experiment
+            run.define_metric(STEP_METRIC)
+            for pattern in K_METRICS:
+                run.define_metric(pattern, step_metric=STEP_METRIC)
 
 
 def log_table(run_dir: Path, loggers: Sequence[Any], name: str, df: pd.DataFrame) -> Path:

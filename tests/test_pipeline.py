@@ -49,8 +49,15 @@ def test_run_directory_contract(smoke_run):
     assert all(k.startswith("time/") for k in timings)
     assert (d / "figures" / "groups.png").exists()
     assert (d / "tables" / "lds_per_query.csv").exists()
-    # printed summary
-    assert "lds/point/mean" in res.stdout and "time/attribution" in res.stdout
+    # printed summary: fidelity, groups, cost, and how to get the per-sample reference
+    for key in ("lds/point/mean", "time/attribution", "time/attribution+grouping", "grouping/k"):
+        assert key in res.stdout, key
+    assert "grouping=singleton" in res.stdout  # no per-sample result cached yet
+    assert metrics["attribution/epochs"] == pytest.approx(
+        metrics["time/attribution"] / metrics["time/epoch"]
+    )
+    assert metrics["grouping/largest_share"] == pytest.approx(metrics["grouping/size_max"] / 64)
+    assert metrics["attribution/scores_file"] == "scores.pt"
 
 
 def test_rerun_is_a_no_op_and_different_config_is_refused(smoke_run):
@@ -60,14 +67,51 @@ def test_rerun_is_a_no_op_and_different_config_is_refused(smoke_run):
     res = _ok(run_cli(SMOKE, out))
     assert "nothing to do" in res.stdout + res.stderr
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
-    bad = run_cli([*SMOKE, "model.epochs=3"], out)
+    # another config forced into the same directory is refused, naming the key
+    bad = run_cli([*SMOKE, "model.epochs=3", f"hydra.run.dir={out / RUN}"], out)
     assert bad.returncode == 2
-    assert "already holds finished results" in bad.stderr and "model" in bad.stderr
+    assert "already holds finished results" in bad.stderr and "model.epochs" in bad.stderr
     assert "overwrite=true" in bad.stderr and "Traceback" not in bad.stderr
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
-    # tag writes elsewhere; the cached base model of the first run is not reused (other epochs)
-    _ok(run_cli([*SMOKE, "model.epochs=3", "tag=_e3"], out))
-    assert (out / (RUN + "_e3") / "metrics.json").exists()
+    # a result-deciding override names its own directory; the cached base model of the
+    # first run is not reused (other epochs)
+    _ok(run_cli([*SMOKE, "model.epochs=3"], out))
+    m = json.loads((out / (RUN + ",model.epochs=3") / "metrics.json").read_text())
+    assert m["model/cached"] == 0
+
+
+def test_presentation_keys_share_a_directory_and_precision_trains_anew(smoke_run):
+    out, _ = smoke_run
+    metrics = out / RUN / "metrics.json"
+    before = metrics.read_bytes()
+    # progress bars, logger, workers: the same results, found in the same directory
+    for extra in (
+        ["trainer.enable_progress_bar=true"],
+        ["trainer.enable_progress_bar=false", "retrain.workers=1", "logger=csv"],
+    ):
+        res = _ok(run_cli([*SMOKE, *extra], out))
+        assert "nothing to do" in res.stdout + res.stderr, extra
+    assert metrics.read_bytes() == before
+    # precision decides results: a new directory, and the model trains anew
+    _ok(run_cli([*SMOKE, "trainer.precision=bf16-mixed", "evaluation=none"], out))
+    d = out / (RUN + ",evaluation=none,trainer.precision=bf16-mixed")
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["model/cached"] == 0
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["results_config"]["trainer"]["precision"] == "bf16-mixed"
+    assert "enable_progress_bar" not in cfg["results_config"]["trainer"]
+    assert (
+        "logger" not in cfg["results_config"] and "workers" not in cfg["results_config"]["retrain"]
+    )
+
+
+def test_sweep_directories_leave_presentation_overrides_out(tmp_path):
+    args = ["-m", *SMOKE, "evaluation=none", "groups=4", "sweep_name=p"]
+    _ok(run_cli([*args, "trainer.enable_progress_bar=false", "retrain.workers=1"], tmp_path))
+    again = _ok(run_cli(args, tmp_path))
+    assert "nothing to do" in again.stdout + again.stderr
+    names = [p.parent.name for p in (tmp_path / "multirun" / "p").glob("*/metrics.json")]
+    assert names == ["evaluation=none,experiment=smoke,groups=4"]
 
 
 def test_second_run_reuses_base_model_grouping_and_retrains(smoke_run):
@@ -112,6 +156,7 @@ def test_multirun_shares_the_base_model_and_point_retrains(tmp_path):
     assert m4["model/cached"] == 0 and m8["model/cached"] == 1
     # 8 point-level subsets are shared; only group-level retrains differ
     assert m8["lds/retrains_cached"] == 8
+    assert "Epoch 0" not in res.stdout + res.stderr  # no Lightning epoch bars in a multirun
     # rerunning the sweep finishes nothing new
     again = _ok(run_cli(["-m", *SMOKE, "groups=4,8", "sweep_name=t"], tmp_path))
     assert (again.stdout + again.stderr).count("nothing to do") == 2
@@ -119,19 +164,26 @@ def test_multirun_shares_the_base_model_and_point_retrains(tmp_path):
 
 def test_wandb_offline_and_csv_loggers(tmp_path):
     _ok(run_cli(["experiment=smoke", "logger=wandb", "evaluation=none"], tmp_path))
-    d = tmp_path / "runs/synthetic/tracin/kmeans_k8_s0"
+    d = tmp_path / "runs/synthetic/tracin/kmeans_k8_s0,evaluation=none"
     assert list((d / "wandb").glob("offline-run-*")), "no offline W&B run"
     _ok(run_cli(["experiment=smoke", "logger=csv", "evaluation=none", "tag=_csv"], tmp_path))
-    assert list((tmp_path / (RUN + "_csv")).rglob("metrics.csv"))
+    assert list(
+        (tmp_path / "runs/synthetic/tracin/kmeans_k8_s0_csv,evaluation=none").rglob("metrics.csv")
+    )
 
 
 def test_group_scores_are_sums_of_singleton_scores_end_to_end(tmp_path):
     """The core invariant through the CLI: same cached model, TracIn exact, k = n vs k = 16."""
-    _ok(run_cli([*SMOKE, "grouping=singleton", "evaluation=none"], tmp_path))
-    s = torch.load(tmp_path / "runs/synthetic/tracin/singleton_kn_s0/scores.pt").double()
+    res = _ok(run_cli([*SMOKE, "grouping=singleton", "evaluation=none"], tmp_path))
+    assert "per-sample run" in res.stdout
+    s = torch.load(tmp_path / "runs/synthetic/tracin/singleton_kn_s0,evaluation=none/scores.pt")
+    s = s.double()
     assert s.shape == (64, 8)
+    # a grouped run of the same model and method now finds the cached per-sample result
+    res = _ok(run_cli([*SMOKE, "evaluation=none"], tmp_path))
+    assert "speed-up vs per-sample" in res.stdout and "x (cached per-sample" in res.stdout
     _ok(run_cli([*SMOKE, "grouping=random", "groups=0.25", "evaluation=none"], tmp_path))
-    d = tmp_path / "runs/synthetic/tracin/random_k0.25_s0"
+    d = tmp_path / "runs/synthetic/tracin/random_k0.25_s0,evaluation=none"
     ids = torch.load(d / "grouping.pt")
     assert sorted(set(ids.tolist())) == list(range(16))  # k = 0.25 * 64, none empty
     groups = torch.load(d / "scores.pt").double()

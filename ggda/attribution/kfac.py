@@ -52,8 +52,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
-from ggda.gradients.layers import capture_factors
 from ggda.errors import ConfigError, GGDAError
+from ggda.gradients.layers import capture_factors
 from ggda.models.functional import per_example_loss
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -180,7 +180,7 @@ def compute_entries(
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     computed, busy = 0, []
-    bar = tqdm(total=len(items), desc=desc, leave=False, disable=not desc)
+    bar = tqdm(total=len(items), desc=desc, leave=False, disable=None if desc else True)
     for blocking, todo in ((False, items), (True, busy)):
         for path, meta, idx, seed in todo:
             try:
@@ -462,7 +462,7 @@ class RetrainService:
             initializer=_init_worker,
             initargs=(self.recipe, self.bundle, 1),
         ) as pool:
-            bar = tqdm(total=len(items), desc=desc, leave=False)
+            bar = tqdm(total=len(items), desc=desc, leave=False, disable=None)
             # First what no other process is computing, then wait for the rest.
             for blocking in (False, True):
                 futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
@@ -493,7 +493,8 @@ class RetrainService:
     def _run_in_allocation(self, items: list[Item], desc: str) -> int:
         """Retrain ``items`` in this SLURM job's own allocation: a pool of ``workers``
         processes (0 = the job's ``SLURM_CPUS_PER_TASK``), one torch thread each, or in this
-        process when there is one CPU or few items."""
+        process when there is one CPU or few items.
+        """
         pool = self.workers > 1 and len(items) >= self.min_parallel
         if not self._said_route:
             self._said_route = True
@@ -571,7 +572,7 @@ class RetrainService:
             self.submitit_folder,
         )
         computed = 0
-        for job in tqdm(jobs, desc=desc, leave=False):
+        for job in tqdm(jobs, desc=desc, leave=False, disable=None):
             try:
                 computed += int(job.result())
             except Exception as e:

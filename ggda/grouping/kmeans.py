@@ -21,6 +21,8 @@ from ggda.grouping.features import FEATURES, GRADIENT_KINDS, compute_features
 INITS = ("k-means++", "random")
 # k-means++ draws its centres in at most this many rounds (exact k-means++ when k <= 33).
 PP_ROUNDS = 32
+# capacity_assign keeps the (n, k) distance matrix when it has at most this many entries.
+DENSE_ASSIGN = 1 << 25
 
 
 def _sq_dists(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,47 +143,115 @@ def fill_empty(labels: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor:
     return labels
 
 
-def balanced_assign(
-    x: torch.Tensor, c: torch.Tensor, chunk: int = 8192, info: dict | None = None
+def capacity_assign(
+    x: torch.Tensor,
+    c: torch.Tensor,
+    caps: tuple[int, ...],
+    chunk: int = 8192,
+    info: dict | None = None,
 ) -> torch.Tensor:
-    """Assign n points to k centres with sizes floor(n/k) or ceil(n/k) (differ by <= 1).
+    """Assign n points to k centres, no centre taking more than its capacity.
 
     Greedy capacity-constrained assignment in batched rounds: every unassigned point
     proposes to its nearest centre that still has room; each centre keeps the closest
     proposals up to its remaining capacity (a sort and a per-cluster rank, no loop over
     points) and rejects the rest, which propose again next round with full centres masked
-    out. Each round either places every point or fills at least one centre, so it ends
-    within k rounds (in practice a few dozen). Phase one fills every centre to q = n // k;
-    phase two places the r = n - q k leftover points with capacity one per centre.
+    out. Each round either places every point or fills at least one centre, so a phase
+    ends within k rounds (in practice a few dozen). Phase j gives every centre ``caps[j]``
+    more places; points left when all phases are done stay at -1.
 
     Args:
         x: (n, f) points.
         c: (k, f) centres.
-        info: if given, ``info["balanced_rounds"]`` is set to the number of rounds.
+        caps: places per centre added in each phase, e.g. ``(n // k, 1)`` (balanced) or
+            ``(ceil(f n / k),)`` (sizes capped at f times the mean).
+        info: if given, ``info["capacity_rounds"]`` is set to the number of rounds.
 
     Returns:
-        (n,) long labels; exactly n % k clusters have q + 1 members, the others q.
+        (n,) long labels in [0, k) (-1 for points no phase had room for).
     """
     n, k = x.shape[0], c.shape[0]
-    q = n // k
     labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    # Distances are computed once when the (n, k) matrix is small; each round is then a
+    # masked min instead of a GEMM (the rounds are many when one centre attracts most points).
+    dmat = _sq_dists(x, c) if n * k <= DENSE_ASSIGN else None
     rounds = 0
-    for cap in (q, 1):
+    for cap in caps:
         room = torch.full((k,), cap, dtype=torch.long, device=x.device)
         while True:
             free = (labels < 0).nonzero().squeeze(1)
             if free.numel() == 0 or not bool((room > 0).any()):
                 break
             rounds += 1
-            prop, dist = assign(x[free], c, chunk, mask=room > 0)
+            if dmat is not None:
+                dist, prop = dmat[free].masked_fill_(~(room > 0)[None, :], float("inf")).min(1)
+            else:
+                prop, dist = assign(x[free], c, chunk, mask=room > 0)
             order = torch.argsort(dist)
             rank = rank_within(prop, order, k)
             ok = rank < room[prop]
             labels[free[ok]] = prop[ok]
             room -= torch.bincount(prop[ok], minlength=k)
     if info is not None:
-        info["balanced_rounds"] = rounds
+        info["capacity_rounds"] = info.get("capacity_rounds", 0) + rounds
     return labels
+
+
+def balanced_assign(
+    x: torch.Tensor, c: torch.Tensor, chunk: int = 8192, info: dict | None = None
+) -> torch.Tensor:
+    """Assign n points to k centres with sizes floor(n/k) or ceil(n/k) (differ by <= 1).
+
+    :func:`capacity_assign` in two phases: every centre is filled to q = n // k, then the
+    r = n - q k leftover points are placed with capacity one per centre.
+
+    Returns:
+        (n,) long labels; exactly n % k clusters have q + 1 members, the others q.
+    """
+    n, k = x.shape[0], c.shape[0]
+    labels = capacity_assign(x, c, (n // k, 1), chunk, info)
+    if info is not None:
+        info["balanced_rounds"] = info.pop("capacity_rounds")
+    return labels
+
+
+def size_cap(n: int, k: int, factor: float) -> int:
+    """Largest group allowed by ``max_size_factor``: ceil(factor * n / k), at least
+    ceil(n / k) so that n points fit into k groups.
+    """
+    return max(math.ceil(n / k), math.ceil(factor * n / k - 1e-9))
+
+
+def capped_lloyd(
+    x: torch.Tensor,
+    c: torch.Tensor,
+    cap: int,
+    iters: int = 5,
+    info: dict | None = None,
+) -> torch.Tensor:
+    """Lloyd iterations whose assignment step is capacity-constrained (size <= ``cap``).
+
+    Starts from the given centres (the free k-means solution), alternates
+    :func:`capacity_assign` and the centre update until the labels stop changing or
+    ``iters`` steps have run, and repairs empty clusters with :func:`fill_empty` (which
+    gives an empty cluster one point, so the cap still holds).
+
+    Returns:
+        (n,) long labels in [0, k), every cluster non-empty and of size <= cap.
+    """
+    k = c.shape[0]
+    labels = None
+    for _ in range(max(1, iters)):
+        new = capacity_assign(x, c, (cap,), info=info)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, labels, x)
+        keep = counts > 0
+        c = torch.where(keep[:, None], sums / counts.clamp_min(1)[:, None].to(x.dtype), c)
+    d = ((x - c[labels]) ** 2).sum(1)
+    return fill_empty(labels, d, k)
 
 
 def lloyd(
@@ -193,14 +263,16 @@ def lloyd(
     tol: float = 1e-4,
     balanced: bool = False,
     info: dict | None = None,
+    max_size_factor: float | None = None,
 ) -> torch.Tensor:
     """Lloyd's k-means with exactly k non-empty clusters: (n, f) -> labels (n,).
 
     Minimises sum_i ||x_i - c_{g(i)}||^2. Empty clusters are re-seeded at the points
     farthest from their centres during the iterations, and :func:`fill_empty` repairs any
     still empty at the end. With ``balanced`` the converged centres are followed by
-    :func:`balanced_assign` (sizes differ by at most one) instead of the free assignment.
-    Stops when the relative change of the inertia is at most ``tol``. If ``info`` is
+    :func:`balanced_assign` (sizes differ by at most one) instead of the free assignment;
+    with ``max_size_factor`` = f by :func:`capped_lloyd`, no cluster larger than
+    ceil(f n / k) (:func:`size_cap`). Stops when the relative change of the inertia is at most ``tol``. If ``info`` is
     given, it receives ``iterations`` (Lloyd steps run) and ``balanced_rounds``.
 
     Raises:
@@ -238,6 +310,8 @@ def lloyd(
         info["iterations"] = done
     if balanced:
         return balanced_assign(x, c, info=info)
+    if max_size_factor is not None:
+        return capped_lloyd(x, c, size_cap(n, k, max_size_factor), info=info)
     labels, d = assign(x, c)
     return fill_empty(labels, d, k)
 
@@ -262,6 +336,9 @@ class KMeansGrouper(Grouper):
             k >= the number of classes present.
         balanced: equal-size clusters (sizes differ by at most one; with ``per_class``,
             within each class).
+        max_size_factor: cap every cluster at ceil(f n / k) points, f times the mean size
+            (a size-controlled K-means; ``None`` = free sizes). Free Grad-K-Means puts the
+            well-fit points (gradients near 0) into one giant group; the cap splits it.
         seed: initialisation (and projection) seed.
         proj_structure: ``dense`` | ``kronecker`` projection of last-layer gradients.
     """
@@ -279,6 +356,7 @@ class KMeansGrouper(Grouper):
         tol: float = 1e-4,
         per_class: bool = False,
         balanced: bool = False,
+        max_size_factor: float | None = None,
         seed: int = 0,
         proj_structure: str = "dense",
     ) -> None:
@@ -294,6 +372,11 @@ class KMeansGrouper(Grouper):
         self.tol = check_float("grouping.tol", tol, 0.0)
         self.per_class = check_choice("grouping.per_class", per_class, (False, True))
         self.balanced = check_choice("grouping.balanced", balanced, (False, True))
+        self.max_size_factor = (
+            None
+            if max_size_factor is None
+            else check_float("grouping.max_size_factor", max_size_factor, 1.0)
+        )
         self._timings: dict[str, float] = {}
 
     @property
@@ -326,7 +409,16 @@ class KMeansGrouper(Grouper):
         if self.per_class:
             labels = self._per_class(f, inputs.y.to(f.device), inputs.num_classes, k)
         else:
-            labels = lloyd(f, k, self.iters, self.seed, self.init, self.tol, self.balanced)
+            labels = lloyd(
+                f,
+                k,
+                self.iters,
+                self.seed,
+                self.init,
+                self.tol,
+                self.balanced,
+                max_size_factor=self.max_size_factor,
+            )
         t2 = _now(device)
         self._timings = {"grouping_features": t1 - t0, "clustering": t2 - t1}
         return Grouping(labels.cpu(), k)
@@ -343,7 +435,14 @@ class KMeansGrouper(Grouper):
                 continue
             members = (y == cls).nonzero().squeeze(1)
             sub = lloyd(
-                f[members], kc, self.iters, self.seed + cls, self.init, self.tol, self.balanced
+                f[members],
+                kc,
+                self.iters,
+                self.seed + cls,
+                self.init,
+                self.tol,
+                self.balanced,
+                max_size_factor=self.max_size_factor,
             )
             labels[members] = sub + offset
             offset += kc

@@ -8,11 +8,11 @@ from torch import nn
 
 from factory import tiny_data, tiny_task
 from ggda.attribution.base import AttributionTask, Checkpoint
-from ggda.gradients import select_params
 from ggda.attribution.influence import InfluenceFunction
 from ggda.attribution.kfac import FactorFitter
 from ggda.attribution.properties import PropertyExamples
 from ggda.errors import ConfigError
+from ggda.gradients import select_params
 from ggda.grouping import RandomGrouper
 from ggda.grouping.base import Grouping, GroupingInputs
 from ggda.models.functional import per_example_loss

@@ -8,10 +8,12 @@ import torch
 from ggda.grouping.kmeans import (
     assign,
     balanced_assign,
+    capacity_assign,
     fill_empty,
     kmeans_pp,
     lloyd,
     rank_within,
+    size_cap,
 )
 
 
@@ -127,3 +129,43 @@ def test_info_reports_iterations():
     info: dict = {}
     lloyd(x, 4, 50, 0, balanced=True, info=info)
     assert 1 <= info["iterations"] <= 50 and info["balanced_rounds"] >= 1
+
+
+def test_capacity_assign_respects_caps_and_is_stable_brute_force():
+    """Every point sits in a centre with room; every strictly nearer centre is full."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    c = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    c[0] = 0.0  # one central centre that most points prefer
+    cap = 35
+    labels = capacity_assign(x, c, (cap,))
+    counts = torch.bincount(labels, minlength=7)
+    assert labels.min() >= 0 and int(counts.max()) <= cap and int(counts.sum()) == 200
+    d = torch.cdist(x, c) ** 2
+    for i in range(200):  # brute force over points and centres
+        nearer = (d[i] < d[i, labels[i]] - 1e-12).nonzero().squeeze(1)
+        assert all(int(counts[j]) == cap for j in nearer), i
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0, 4.0])
+def test_size_capped_lloyd_splits_a_giant_cluster(factor):
+    # one dense blob of 300 points around 0 (well-fit gradients) and 10 small blobs of 10
+    g = torch.Generator().manual_seed(0)
+    dense = 0.01 * torch.randn(300, 4, generator=g, dtype=torch.float64)
+    small, _ = blobs(10, 10, seed=1)
+    x = torch.cat([dense, small])
+    n, k = 400, 20
+    free = torch.bincount(lloyd(x, k, 50, 0), minlength=k)
+    assert int(free.max()) > 2 * n // k  # the free solution has a giant group
+    labels = lloyd(x, k, 50, 0, max_size_factor=factor)
+    sizes = torch.bincount(labels, minlength=k)
+    cap = size_cap(n, k, factor)
+    assert cap == max(20, int(-(-factor * n // k)))
+    assert int(sizes.max()) <= cap and int(sizes.min()) >= 1 and labels.numel() == n
+
+
+def test_size_cap_keeps_the_free_solution_when_it_already_fits():
+    x, truth = blobs(5, 12)
+    free = lloyd(x, 5, 50, 0)
+    assert same_partition(free, truth)
+    assert torch.equal(lloyd(x, 5, 50, 0, max_size_factor=2.0), free)
