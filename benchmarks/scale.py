@@ -329,7 +329,8 @@ def write(rows: list[dict], metas: list[dict], info: dict, out: Path, args) -> N
             f"## {mdl}: n = {n:,}, m = {meta['m']:,} queries, {meta['params']:,} parameters, "
             f"epoch {meta['epoch_s']:.2f} s",
             "",
-            "| row | k | seconds | epochs | speed-up vs fastest per-sample | peak MiB | stages (s) |",
+            "| row | k | seconds | epochs | speed-up vs fastest per-sample | peak MiB "
+            "| stages (s) |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         for k in ks:

@@ -50,6 +50,17 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARN
 CACHE_VERSION = 2
 
 
+def is_multirun() -> bool:
+    """True inside a Hydra multirun job (``python run.py -m ...``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ValueError, ImportError):
+        return False
+
+
 def build(node: Any, **kwargs: Any) -> Any:
     """Instantiate a ``_target_`` config node, dropping its display ``name`` and the
     ``warn_share`` of a grouping node (read by the attribution callback).
@@ -162,7 +173,7 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kw.pop("_target_", None)
     # A multirun's epoch bars would interleave, and a log file gets every redraw: there the
     # one-line stage logs say what happens.
-    if tracking.is_multirun() or not sys.stderr.isatty():
+    if is_multirun() or not sys.stderr.isatty():
         kw["enable_progress_bar"] = False
     return kw
 

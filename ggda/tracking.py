@@ -43,17 +43,6 @@ def quiet_console() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def is_multirun() -> bool:
-    """True inside a Hydra multirun job (``python run.py -m ...``)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except (ValueError, ImportError):
-        return False
-
-
 def _is_wandb(logger: Any) -> bool:
     return type(logger).__name__ == "WandbLogger"
 

@@ -17,7 +17,8 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-META = {"_target_", "name", "_recursive_", "_partial_"}
+# `warn_share` sits in the grouping node but the attribution callback reads it.
+META = {"_target_", "name", "_recursive_", "_partial_", "warn_share"}
 
 # (config file, key) -> why the YAML deliberately differs from the constructor default.
 INTENTIONAL = {
@@ -32,6 +33,11 @@ INTENTIONAL = {
     ("grouping/grad_kmeans", "features"): "the Grad-K-Means variant of kmeans",
     ("grouping/repr_kmeans", "features"): "the representation variant of kmeans",
     ("config.retrain", "slurm"): "the SLURM resources, spelled out for the cluster user",
+    **{
+        (f"method/{m}", key): f"the {m} preset of influence"
+        for m in ("kfac", "ekfac")
+        for key in ("solver", "damping", "last_layer", "seed", "damping_mode")
+    },
 }
 
 

@@ -23,7 +23,7 @@ PKG = ROOT / "ggda"
 # may import packages of strictly lower layers only: no sideways or upward edges, so the
 # package graph has no cycles.
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("errors", "faults", "config"),
+    0: ("errors", "faults", "config", "cluster"),
     1: ("io",),
     2: ("models", "data", "tracking"),
     3: ("gradients",),

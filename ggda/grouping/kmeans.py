@@ -272,7 +272,8 @@ def lloyd(
     still empty at the end. With ``balanced`` the converged centres are followed by
     :func:`balanced_assign` (sizes differ by at most one) instead of the free assignment;
     with ``max_size_factor`` = f by :func:`capped_lloyd`, no cluster larger than
-    ceil(f n / k) (:func:`size_cap`). Stops when the relative change of the inertia is at most ``tol``. If ``info`` is
+    ceil(f n / k) (:func:`size_cap`). Stops when the relative change of the inertia is at
+    most ``tol``. If ``info`` is
     given, it receives ``iterations`` (Lloyd steps run) and ``balanced_rounds``.
 
     Raises:
