@@ -32,6 +32,7 @@ INTENTIONAL = {
     },
     ("grouping/grad_kmeans", "features"): "the Grad-K-Means variant of kmeans",
     ("grouping/repr_kmeans", "features"): "the representation variant of kmeans",
+    ("grouping/grad_kmeans", "max_size_factor"): "the default grouping caps group sizes",
     ("config.retrain", "slurm"): "the SLURM resources, spelled out for the cluster user",
     **{
         (f"method/{m}", key): f"the {m} preset of influence"
