@@ -123,9 +123,17 @@ def cache_keys(
     scores_key = stable_hash(
         {"model": model_key, "grouping": grouping_key, "method": method_cfg, "property": prop_cfg}
     )
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    # Retrains train in the data's dtype: float64 under 64-true, float32 otherwise.
+    retrain_key = (
+        stable_hash({"recipe": recipe_key, "precision": precision})
+        if precision.startswith("64")
+        else recipe_key
+    )
     return {
         "data": data_key,
         "recipe": recipe_key,
+        "retrain": retrain_key,
         "model": model_key,
         "grouping": grouping_key,
         "scores": scores_key,
@@ -464,7 +472,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         vars(prop),
         bundle.meta["fingerprint"],
     )
-    retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
+    retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["retrain"])
     store = model_store(cfg, keys, int(cfg.seed), recipe)
     loggers = build_loggers(cfg, run_dir)
     for lg in loggers:
