@@ -264,10 +264,8 @@ def load_data(cfg: DictConfig) -> Any:
 
 def _check_job(cfg: DictConfig) -> None:
     """Refuse, before anything is loaded or trained, settings this pipeline cannot honour."""
-    seed = cfg.get("seed")
-    check_int("seed", seed, 0, 2**32 - 1)  # Lightning replaces other seeds by random ones
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError("seed", seed, "an integer in [0, 4294967295]")
+    # Lightning replaces a seed outside [0, 2^32) by a random one: refuse it instead.
+    check_int("seed", cfg.get("seed"), 0, 2**32 - 1)
     tr = cfg.trainer
     accel = str(tr.get("accelerator", "auto")).lower()
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
