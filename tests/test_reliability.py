@@ -192,8 +192,8 @@ def _assert_same_training(a, b, run_b=RUN):
     sa, sb = torch.load(a / RUN / "scores.pt"), torch.load(b / run_b / "scores.pt")
     assert torch.equal(sa, sb)
     ma, mb = _metrics(a), _metrics(b, run_b)
-    for key in ma:
-        if not key.startswith(("time/", "model/cached")):
+    for key in ma:  # results, not how they were obtained (cache hits, timings)
+        if not key.startswith("time/") and "cached" not in key and "retrains_" not in key:
             assert ma[key] == mb[key], key
 
 
