@@ -404,9 +404,17 @@ def _alive(pid):
 
 def _start_pool_run(out):
     """Start POOL; return (process, its stderr lines so far, worker pids) once retraining."""
-    proc = _popen(POOL, out)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *POOL],
+        cwd=out,
+        env=_env(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # the log (stdout) and the error line (stderr) in order
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     t0 = time.monotonic()
     while not any("retrains to run" in ln for ln in lines) and time.monotonic() - t0 < 300:
         assert proc.poll() is None, "".join(lines)[-3000:]
