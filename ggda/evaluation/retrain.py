@@ -238,6 +238,19 @@ def submitit_job(recipe: Recipe, bundle: DataBundle, items: list[Item], threads:
     return compute_entries(recipe, bundle, items)[1]
 
 
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Block SIGINT in this thread for the block; a pending one is delivered at its end."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _terminate_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel queued work and kill the workers (a half-written entry is only a temp file)."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
@@ -435,7 +448,11 @@ class RetrainService:
             bar = tqdm(total=len(items), desc=desc, leave=False)
             # First what no other process is computing, then wait for the rest.
             for blocking in (False, True):
-                futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
+                # Workers start on submit. A Ctrl-C while one boots would kill it with a
+                # traceback before its initializer ignores SIGINT: hold the signal (the
+                # new processes inherit the mask) and take it right after.
+                with _sigint_held():
+                    futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
                 items = []
                 for fut in as_completed(futs):
                     got = fut.result()
