@@ -84,11 +84,16 @@ def time_attribution(cfg, repeats: int) -> tuple[float, float]:
     the method directly, so no cache is involved. CPU time (all threads of this process)
     is less sensitive than wall time to other jobs on a shared machine.
     """
-    bundle = pipeline.build(cfg.dataset).load()
+    bundle = pipeline.load_data(cfg)  # with the data fingerprint the cache keys need
     recipe = pipeline.build_recipe(cfg.model)
     grouper, method, prop = (pipeline.build(c) for c in (cfg.grouping, cfg.method, cfg.property))
     keys = pipeline.cache_keys(
-        cfg, grouper.config(), grouper.uses_model, method.config(), vars(prop)
+        cfg,
+        grouper.config(),
+        grouper.uses_model,
+        method.config(),
+        vars(prop),
+        bundle.meta["fingerprint"],
     )
     checkpoints = pipeline.model_store(cfg, keys, int(cfg.seed), recipe).checkpoints()
     group_ids = torch.load(Path(cfg.paths.output_dir) / "runs" / "api" / "grouping.pt")

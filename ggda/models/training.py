@@ -151,6 +151,8 @@ def train_lean(
     """
     torch.manual_seed(seed)
     net = recipe.build_net(tuple(x.shape[1:]), num_classes).to(device)
+    if x.is_floating_point():
+        net = net.to(x.dtype)  # float64 data (trainer.precision=64-true) trains in float64
     opt, sched = recipe.build_optimizer(net.parameters())
     g = torch.Generator().manual_seed(seed)
     x, y = x.to(device), y.to(device)

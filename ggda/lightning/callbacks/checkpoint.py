@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class EpochCheckpoint(GGDACallback):
-    """After each training epoch: ``last.ckpt`` (resume point) and the configured epochs.
+    """After each training epoch: the resume point, kept if a configured epoch.
 
     Each checkpoint records the learning rate in force (TracIn weighs by it). The store is
     the run's base-model store (set by :meth:`bind`) or one given directly (ensemble
