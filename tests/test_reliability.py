@@ -329,11 +329,6 @@ def test_precision_64_runs_end_to_end_with_retrains(tmp_path):
     assert np.isfinite(m["lds/point/mean"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.precision decides results: needs the unified results_config key list "
-    "(helper ux); remove this marker when that lands",
-)
 def test_precision_64_after_a_32_bit_run_is_not_nothing_to_do(tmp_path):
     _ok(run_cli([*SMOKE, "evaluation=none"], tmp_path))
     res = run_cli([*SMOKE, "evaluation=none", "trainer.precision=64-true"], tmp_path)
