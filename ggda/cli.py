@@ -38,8 +38,10 @@ def check_output_dir(run_dir: Any) -> None:
 class OutputDirCheck(Callback):
     """Hydra callback: an unusable ``paths.output_dir`` is a one-line error, not a traceback."""
 
+    # The run directory's name needs Hydra's overrides, which are not set yet when these
+    # hooks run; what can be unusable is the output root it lies under.
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_dir(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=False))
+        check_output_dir(OmegaConf.select(config, "paths.output_dir", throw_on_missing=False))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_dir(OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=False))
+        check_output_dir(OmegaConf.select(config, "paths.output_dir", throw_on_missing=False))

@@ -127,7 +127,7 @@ TRAIN = [
     "evaluation=none",
     "model.epochs=40",
     "model.save_epochs=[10,20,30,40]",
-    "model.optim.scheduler=cosine",
+    "model.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:40}",
 ]
 
 

@@ -125,16 +125,20 @@ class LDS(Evaluator):
                 "seed_mode": self.seed_mode,
                 "groups": ctx.grouping.k if level == "group" else None,
             }
-            store = ctx.retrain.store(level, masks, seeds, sampler)
-            logits = ctx.retrain.run(masks, seeds, desc=f"LDS {level}-level retrains", store=store)
+            # a plain Retrainer (the protocol) keeps no store; RetrainService does
+            make_store = getattr(ctx.retrain, "store", None)
+            store = make_store(level, masks, seeds, sampler) if make_store else None
+            kw = {"store": store} if store is not None else {}
+            logits = ctx.retrain.run(masks, seeds, desc=f"LDS {level}-level retrains", **kw)
             actual = ctx.prop.values(logits[ctx.prop.split].double(), ctx.bundle).mean(1)
-            info = measurement_info(ctx)
-            mkey = stable_hash(info)
-            store.record_measurement(mkey, actual, info)
-            stores.append(
-                {"level": level, "store": str(store.path), "measurement": mkey}
-                | {"broadcast": self.broadcast}
-            )
+            if store is not None:
+                info = measurement_info(ctx)
+                mkey = stable_hash(info)
+                store.record_measurement(mkey, actual, info)
+                stores.append(
+                    {"level": level, "store": str(store.path), "measurement": mkey}
+                    | {"broadcast": self.broadcast}
+                )
             point_scores = ctx.grouping.broadcast(scores, self.broadcast)
             pred = masks.double() @ point_scores  # (M, m)
             corr = lds_from_predictions(pred, actual)

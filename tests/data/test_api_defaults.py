@@ -9,6 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 
+import ggda.config  # noqa: F401  (the config resolvers)
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
 BUNDLED = ("digits", "mnist5k", "synthetic")  # loadable without downloaded files

@@ -30,7 +30,9 @@ def test_read_idx_round_trip(tmp_path, gz):
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_splits_pair_images_with_labels(tmp_path, sub, gz):
     raw = write_mnist(tmp_path / sub if sub else tmp_path, n_train=40, n_test=20, gz=gz)
-    b = MNISTFiles(str(tmp_path), num_val=8, num_test=12, num_queries=5, split_seed=3).load()
+    b = MNISTFiles(
+        str(tmp_path), num_val=8, num_test=12, num_queries=5, split_seed=3, flatten=False
+    ).load()
     assert b.x_train.shape == (32, 1, 28, 28) and b.x_val.shape == (8, 1, 28, 28)
     assert b.x_test.shape == (12, 1, 28, 28) and b.num_classes == 10
     tr, va, te = _ids(b.x_train), _ids(b.x_val), _ids(b.x_test)
@@ -51,14 +53,16 @@ def test_mnist_splits_pair_images_with_labels(tmp_path, sub, gz):
 
 def test_mnist_subsets_flatten_and_noise(tmp_path):
     write_mnist(tmp_path)
-    full = MNISTFiles(str(tmp_path), num_val=8, num_queries=5).load()
-    sub = MNISTFiles(str(tmp_path), num_train=10, num_val=8, num_queries=5).load()
+    full = MNISTFiles(str(tmp_path), num_val=8, num_queries=5, flatten=False).load()
+    sub = MNISTFiles(str(tmp_path), num_train=10, num_val=8, num_queries=5, flatten=False).load()
     assert sub.n_train == 10 and set(_ids(sub.x_train)) <= set(_ids(full.x_train))
     assert torch.equal(sub.y_val, full.y_val)  # val does not depend on num_train
     flat = MNISTFiles(str(tmp_path), num_val=8, num_queries=5, flatten=True).load()
     assert flat.x_train.shape == (32, 784)
     assert torch.allclose(flat.x_train, full.x_train.flatten(1))
-    noisy = MNISTFiles(str(tmp_path), num_val=8, num_queries=5, label_noise=0.25).load()
+    noisy = MNISTFiles(
+        str(tmp_path), num_val=8, num_queries=5, label_noise=0.25, flatten=False
+    ).load()
     assert int(noisy.noise_mask.sum()) == 8
     assert torch.equal(noisy.clean_y_train, full.y_train)
     assert bool((noisy.y_train != full.y_train)[noisy.noise_mask].all())
