@@ -9,6 +9,7 @@ SLURM_JOB_ID.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -120,7 +121,12 @@ def test_inside_a_slurm_job_executor_slurm_retrains_in_the_allocation(
     """With SLURM_JOB_ID set, executor=slurm never submits (no sbatch needed here): the
     retrains run in this process (one CPU) or a pool, equal to the sequential backend."""
     bundle = tiny_bundle(n=40)
-    recipe = Recipe(net_factory=LogisticRegression, epochs=3, batch_size=8, lr=0.1)
+    recipe = Recipe(
+        net_factory=LogisticRegression,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        epochs=3,
+        batch_size=8,
+    )
     masks = torch.rand(5, 40, generator=torch.Generator().manual_seed(0)) < 0.6
     ref = RetrainService(tmp_path / "a", backend="sequential").bind(recipe, bundle, "k")
     want = ref.run(masks, [0, 1])
