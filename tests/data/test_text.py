@@ -44,7 +44,15 @@ def _write(tmp_path, n_train=30, n_dev=12):
 
 def test_qnli_pairs_vocab_from_train_only(tmp_path):
     dev = _write(tmp_path)
-    ds = QNLIFiles(str(tmp_path), num_val=6, num_queries=4, max_len=24, min_freq=1)
+    ds = QNLIFiles(
+        str(tmp_path),
+        num_train=None,
+        num_test=None,
+        num_val=6,
+        num_queries=4,
+        max_len=24,
+        min_freq=1,
+    )
     b = ds.load()
     assert b.x_train.shape == (24, 24) and b.x_train.dtype == torch.long
     assert b.x_test.shape == (12, 24) and b.num_classes == 2
