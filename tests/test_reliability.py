@@ -211,7 +211,12 @@ def _assert_same_training(a, b, run_b=None):
             for k, v in sa[i].items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), (name, i, k)
         assert ca["lr_schedulers"] == cb["lr_schedulers"], name
-        assert ca["ggda_lr"] == cb["ggda_lr"] and ca["epoch"] == cb["epoch"]
+        assert ca["epoch"] == cb["epoch"], name
+    # the learning rate in force at each checkpoint (TracIn's weights) is in the manifest
+    man_a, man_b = (json.loads((d / "manifest.json").read_text()) for d in (da, db))
+    for name in names:
+        assert man_a["files"][name]["lr"] == man_b["files"][name]["lr"], name
+        assert man_a["files"][name]["epoch"] == man_b["files"][name]["epoch"], name
     sa, sb = torch.load(a / run_a / "scores.pt"), torch.load(b / run_b / "scores.pt")
     assert torch.equal(sa, sb)
     ma, mb = _metrics(a, run_a), _metrics(b, run_b)
