@@ -67,8 +67,10 @@ def is_multirun() -> bool:
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """Instantiate a ``_target_`` config node, dropping its display ``name`` and the
-    ``warn_share`` of a grouping node (read by the attribution callback).
+    """Instantiate a ``_target_`` config node.
+
+    Drops its display ``name`` and the ``warn_share`` of a grouping node (read by the
+    attribution callback).
     """
     cfg = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     cfg.pop("name", None)
@@ -128,6 +130,11 @@ def cache_keys(
     """Keys of the cached artifacts, each a hash of exactly what decides it.
 
     Args:
+        cfg: The composed run config (``dataset`` and ``model`` are read).
+        grouper_cfg: The resolved ``grouping`` node.
+        uses_model: Whether the attribution method needs a trained model.
+        method_cfg: The resolved ``method`` node.
+        prop_cfg: The resolved ``propagation`` node.
         data_fingerprint: :func:`ggda.data.fingerprint.fingerprint` of the files (and
             data packages) the data set was loaded from (``bundle.meta["fingerprint"]``
             as set by :func:`load_data`); a changed file changes every key.
@@ -173,9 +180,10 @@ def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
 
 
 def trainer_results(cfg: DictConfig) -> dict[str, Any]:
-    """The ``trainer`` keys that decide a trained model (``ggda.config.PRESENTATION_KEYS``
-    removed); precision is spelled out so that the default and an explicit
-    ``32-true`` share a key.
+    """The ``trainer`` keys that decide a trained model.
+
+    ``ggda.config.PRESENTATION_KEYS`` are removed; precision is spelled out so that the
+    default and an explicit ``32-true`` share a key.
     """
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     out = drop_presentation({"trainer": kw})["trainer"]
@@ -242,8 +250,10 @@ def train_member(
 
 
 def results_config(cfg: DictConfig) -> dict:
-    """The resolved config minus its presentation keys (``ggda.config.PRESENTATION_KEYS``):
-    two runs with the same results config produce the same results.
+    """The resolved config minus its presentation keys.
+
+    Presentation keys are ``ggda.config.PRESENTATION_KEYS``; two runs with the same
+    results config produce the same results.
     """
     return drop_presentation(OmegaConf.to_container(cfg, resolve=True))
 
@@ -288,8 +298,9 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    """Loggers from the ``logger`` group (a dict of ``_target_`` nodes; empty = none),
-    with the run's config logged.
+    """Loggers from the ``logger`` group, with the run's config logged.
+
+    The group is a dict of ``_target_`` nodes; empty means none.
 
     A W&B run is named after the run directory (``grad_kmeans_k100_s0``, or the sweep
     job's ``groups=10,grouping=singleton``); its config holds the resolved config plus
@@ -646,8 +657,10 @@ def per_sample_reference(
     prop_cfg: dict,
     data_fingerprint: dict | None = None,
 ) -> float | None:
-    """Attribution seconds of the cached per-sample (``grouping=singleton``) result of the
-    same data, model, method and queries, or None when none is cached.
+    """Attribution seconds of the cached per-sample result, or None when none is cached.
+
+    The per-sample (``grouping=singleton``) result is of the same data, model, method
+    and queries.
     """
     from ggda.grouping.singleton import SingletonGrouper
     from ggda.io import load_or_none
@@ -685,8 +698,9 @@ def per_sample_command() -> str:
 
 
 def _print_finished(cfg: DictConfig, run_dir: Path, m: dict[str, Any]) -> None:
-    """The summary of a finished run, with the speed-up against a per-sample result that
-    may have been cached since.
+    """Print the summary of a finished run.
+
+    Includes the speed-up against a per-sample result that may have been cached since.
     """
     try:
         saved = json.loads((run_dir / "config.json").read_text())
