@@ -216,7 +216,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     """Add ``speedup/attribution`` and ``speedup/with_grouping``: T(k = n) / T(run), with
     T(k = n) the seed-averaged time of the k = n run of the same method, dataset, model
-    and variant (grouping options aside; NaN where the sweep has none)."""
+    and variant (grouping options aside; NaN where the sweep has none).
+    """
     df = df.copy()
     if "_baseline_variant" not in df:
         df["_baseline_variant"] = df.get("variant", "")
@@ -249,7 +250,8 @@ def _eval_columns(df: pd.DataFrame) -> list[str]:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Seed-averaged table: mean and std of the headline metrics per configuration and k
-    (with the group sizes, the cost in epochs and the 95 % query intervals)."""
+    (with the group sizes, the cost in epochs and the 95 % query intervals).
+    """
     cols = [
         c
         for c in (
@@ -388,7 +390,8 @@ def _col(agg: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def _lds_err(agg: pd.DataFrame, level: str):
     """(k, mean LDS, error bar, kind): std over seeds where a k has several seeds, else the
-    95 % interval of the mean over queries (kind ``seeds`` or ``queries``)."""
+    95 % interval of the mean over queries (kind ``seeds`` or ``queries``).
+    """
     got = _col(agg, LDS[level])
     if got is None:
         return None
@@ -411,7 +414,8 @@ def _err_caption(kinds: set[str]) -> str:
 
 def _plain_log(axis: Any, minor: bool = True) -> None:
     """Log axis labelled with plain numbers (0.02, 1, 5, 100); also at 2x and 5x each power
-    of ten when ``minor``, so that a range within one decade still has labels."""
+    of ten when ``minor``, so that a range within one decade still has labels.
+    """
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     axis.set_major_formatter(plain)
     if minor:
@@ -454,7 +458,8 @@ def _legend(fig: Any, axes: Sequence[Any]) -> None:
 
 def plot_lds(df: pd.DataFrame) -> Any:
     """LDS (point and group level) against k, one line per method and grouping; error bars
-    from seeds, or 95 % intervals over queries with one seed (the title says which)."""
+    from seeds, or 95 % intervals over queries with one seed (the title says which).
+    """
     levels = [(lv, c) for lv, c in LDS.items() if c in df and df[c].notna().any()]
     fig, axes = plt.subplots(
         1, len(levels), figsize=(5.5 * len(levels) + 0.5, 4.8), sharey=True, layout="constrained"
@@ -499,7 +504,8 @@ def plot_time(df: pd.DataFrame) -> Any:
 
 def plot_speedup(df: pd.DataFrame) -> Any:
     """Speedup against the k = n run of the same sweep and method, against k (drawn only
-    when the sweep has one; methods without one are named on the figure)."""
+    when the sweep has one; methods without one are named on the figure).
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
     missing = sorted(df.loc[~df["has_baseline"], "method"].unique())
     for ax, (col, title) in zip(
@@ -578,7 +584,8 @@ def _pruning_curves(df: pd.DataFrame) -> dict[str, list[tuple[float, str]]]:
 
 def plot_pruning(df: pd.DataFrame) -> Any:
     """Test accuracy (retrained) against the fraction removed, one panel per removal order,
-    one line per method / grouping / k (random removal dashed grey)."""
+    one line per method / grouping / k (random removal dashed grey).
+    """
     curves = _pruning_curves(df)
     orders = [o for o in curves if o != "random"] or list(curves)
     fig, axes = plt.subplots(
@@ -613,7 +620,8 @@ def plot_pruning(df: pd.DataFrame) -> Any:
 
 def pareto_front(time: np.ndarray, fidelity: np.ndarray) -> np.ndarray:
     """Indices of the points no other point beats in both time (lower) and fidelity
-    (higher), sorted by time."""
+    (higher), sorted by time.
+    """
     order = np.lexsort((-fidelity, time))
     front, best = [], -np.inf
     for i in order:
@@ -722,7 +730,8 @@ def _pm(row: pd.Series, col: str, spec: str = ".3f") -> str:
 
 def compact_table(summary: pd.DataFrame) -> str:
     """A short markdown table: one row per configuration and k, the headline columns only
-    (every column is in ``summary.csv``)."""
+    (every column is in ``summary.csv``).
+    """
     cols = [
         ("point LDS", LDS["point"], ".3f"),
         ("group LDS", LDS["group"], ".3f"),
@@ -779,7 +788,8 @@ def _markdown(
 
 def wandb_run_id(root: Path) -> str:
     """The summary run's id: a hash of the sweep directory, so that a second report of the
-    same sweep updates the same W&B run (``resume="allow"``) instead of adding one."""
+    same sweep updates the same W&B run (``resume="allow"``) instead of adding one.
+    """
     import hashlib
 
     return "report-" + hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]

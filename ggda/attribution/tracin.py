@@ -98,7 +98,8 @@ class TracIn(Attributor):
 
     def _ghost(self, net, params, q) -> bool:
         """Use factorised inner products: backend ``factored``, no projection and a
-        measurement property (parameters without a layer rule go through vmap there)."""
+        measurement property (parameters without a layer rule go through vmap there).
+        """
         return self.backend == "factored" and self.proj_dim is None and q.fn is None
 
     def _projector(self, net, params: dict[str, torch.Tensor]):

@@ -48,7 +48,8 @@ class DataBundle:
 
     def summary(self) -> dict:
         """Sizes, shapes and what the loader recorded (class names, features, files), as
-        JSON-serialisable values (written to the run directory's ``data.json``)."""
+        JSON-serialisable values (written to the run directory's ``data.json``).
+        """
         return {
             "name": self.name,
             "n_train": self.n_train,

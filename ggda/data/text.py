@@ -64,7 +64,8 @@ class Vocabulary:
     @classmethod
     def build(cls, token_lists: Iterable[list[str]], max_vocab: int, min_freq: int) -> Vocabulary:
         """Count tokens, keep those seen >= ``min_freq`` times, the ``max_vocab - 3`` most
-        frequent (ties alphabetical, so the result does not depend on document order)."""
+        frequent (ties alphabetical, so the result does not depend on document order).
+        """
         max_vocab = check_int("dataset.max_vocab", max_vocab, len(SPECIALS) + 1)
         min_freq = check_int("dataset.min_freq", min_freq, 1)
         counts = Counter(t for toks in token_lists for t in toks)
@@ -123,7 +124,8 @@ class TextData:
 
     def splits(self) -> tuple[dict[str, tuple[list[list[list[str]]], list[int]]], list[str]]:
         """Tokenised splits ``{split: (examples, labels)}`` and the class names; an example is a
-        list of token lists (one per text: a single text, or a sentence pair)."""
+        list of token lists (one per text: a single text, or a sentence pair).
+        """
         raise NotImplementedError
 
     def load(self) -> DataBundle:
