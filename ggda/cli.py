@@ -41,7 +41,19 @@ class OutputDirCheck(Callback):
     # The run directory's name needs Hydra's overrides, which are not set yet when these
     # hooks run; what can be unusable is the output root it lies under.
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check the output root before a single run starts.
+
+        Args:
+            config: the composed run config (``paths.output_dir`` is read).
+            **kwargs: Hydra's other hook arguments (unused).
+        """
         check_output_dir(OmegaConf.select(config, "paths.output_dir", throw_on_missing=False))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check the output root before a sweep launches its jobs.
+
+        Args:
+            config: the composed sweep config (``paths.output_dir`` is read).
+            **kwargs: Hydra's other hook arguments (unused).
+        """
         check_output_dir(OmegaConf.select(config, "paths.output_dir", throw_on_missing=False))

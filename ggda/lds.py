@@ -133,6 +133,14 @@ def lds_of_export(npz: str | Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line ``python -m ggda.lds export PATH [--out OUT]``.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 after printing a ggda error.
+    """
     ap = argparse.ArgumentParser(prog="python -m ggda.lds", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="write the LDS store as .npz for other tools")

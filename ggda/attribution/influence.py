@@ -1,4 +1,4 @@
-"""Influence Functions in group form.
+r"""Influence Functions in group form.
 
 At the final checkpoint theta*, with H the Hessian of the **mean** training loss
 (1/n) sum_i l(z_i; theta) and lambda the damping,
@@ -8,7 +8,7 @@ At the final checkpoint theta*, with H the Hessian of the **mean** training loss
 f_q the property row (-loss or margin, or a user function), L_G the summed loss of group
 j. Up-weighting G_j by eps moves theta* by -eps (H_sum)^{-1} grad L_G with H_sum = n H, so
 tau is the first-order change of f_q from *adding* the group to the data (equivalently
-f(theta*(D)) - f(theta*(D \\ G_j))): positive = the group helps, on the scale of a
+f(theta*(D)) - f(theta*(D \ G_j))): positive = the group helps, on the scale of a
 leave-group-out retraining. lambda is on the scale of a weight decay on the mean loss.
 
 The inverse-HVP is applied once per property row, u_q = (H + lambda I)^{-1} grad f_q

@@ -144,6 +144,15 @@ class KroneckerFactors:
 
     @classmethod
     def from_state(cls, st: dict, device: torch.device | str = "cpu") -> KroneckerFactors:
+        """Rebuild the factors from :meth:`state` (the inverse of that method).
+
+        Args:
+            st: the dict :meth:`state` returned (e.g. read back with ``torch.load``).
+            device: where to put the factor tensors.
+
+        Returns:
+            The factors, with every tensor on ``device``.
+        """
         def mv(v):
             return v.to(device) if isinstance(v, torch.Tensor) else v
 

@@ -166,6 +166,16 @@ class QueryProperty:
         return idx
 
     def examples(self, bundle: DataBundle) -> PropertyExamples:
+        """The examples that define this property and the property row of each.
+
+        Args:
+            bundle: the data; the examples come from its ``self.split`` split.
+
+        Returns:
+            The N examples of :meth:`point_indices` with their rows: one row per example
+            (``reduce="none"``, weight 1), or with ``reduce="mean"`` one row per class
+            present (``per_class``) or a single row, weighted 1/|S_r| (a mean).
+        """
         x, y = bundle.split(self.split)
         idx = self.point_indices(bundle)
         yi = y[idx]
@@ -188,6 +198,7 @@ class QueryProperty:
 
         Args:
             logits: (..., N_split, C) logits on every point of ``self.split``.
+            bundle: the data the logits were computed on (labels and query indices).
 
         Returns:
             (..., m) property values.
@@ -269,6 +280,18 @@ class FunctionProperty(QueryProperty):
         return _CALLABLES[self]
 
     def examples(self, bundle: DataBundle) -> PropertyExamples:
+        """The examples of :meth:`point_indices`, with the user function defining the rows.
+
+        Args:
+            bundle: the data; the examples come from its ``self.split`` split.
+
+        Returns:
+            The N examples; ``fn`` maps their (N, C) logits and (N,) labels to the (m,)
+            property values (m probed once on zero logits).
+
+        Raises:
+            GGDAError: the function does not return a 1-d float tensor.
+        """
         x, y = bundle.split(self.split)
         idx = self.point_indices(bundle)
         xi, yi = x[idx], y[idx]

@@ -97,8 +97,10 @@ class TracIn(Attributor):
         self.query_batch = check_int("method.query_batch", query_batch, 1)
 
     def _ghost(self, net, params, q) -> bool:
-        """Use factorised inner products: backend ``factored``, no projection and a
-        measurement property (parameters without a layer rule go through vmap there).
+        """Whether to use factorised inner products.
+
+        True for backend ``factored`` with no projection and a measurement property
+        (parameters without a layer rule go through vmap there).
         """
         return self.backend == "factored" and self.proj_dim is None and q.fn is None
 

@@ -67,6 +67,7 @@ def damped_inverse_apply(kernel: torch.Tensor, rhs: torch.Tensor, damping: float
     Args:
         kernel: (d, d) symmetric PSD.
         rhs: (d, r).
+        damping: lambda relative to the mean eigenvalue trace(K) / d; 0 = pseudo-inverse.
 
     Returns:
         (d, r), in the dtype of ``rhs``.

@@ -169,6 +169,11 @@ class ArrayFile:
         return t
 
     def load(self) -> DataBundle:
+        """Read the file, split it and standardise by ``kind`` (see the class docstring).
+
+        Returns:
+            The train / val / test splits, the query indices and what was read.
+        """
         path = resolve_path("dataset.file", self.file, self.data_dir, "an .npz or .pt file")
         arrays = read_arrays(path)
         for need in ("x", "y"):

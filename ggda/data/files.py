@@ -29,8 +29,9 @@ TSV = (".tsv", ".tab")
 
 
 def resolve_path(key: str, file: str | None, data_dir: str | None, what: str) -> Path:
-    """``file`` as given (absolute or relative to the working directory), else under
-    ``data_dir``.
+    """The path of a data file or folder: ``file`` as given, else under ``data_dir``.
+
+    ``file`` is tried first as given (absolute or relative to the working directory).
 
     Args:
         key: the config key (``dataset.file`` / ``dataset.root``).

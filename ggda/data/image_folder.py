@@ -230,6 +230,14 @@ class ImageFolder:
         return out
 
     def load(self) -> DataBundle:
+        """Read the class folders under ``root``, split them and scale the images.
+
+        Returns:
+            The splits, the query indices and what was read (class names, files).
+
+        Raises:
+            DataFileError: ``root`` is missing or a file, or the images cannot be read.
+        """
         root = resolve_path(
             "dataset.root", self.root, self.data_dir, "a folder of class folders of images"
         )

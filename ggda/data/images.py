@@ -84,6 +84,11 @@ class ImageFiles:
         raise NotImplementedError
 
     def load(self) -> DataBundle:
+        """Read the files, split them (the shipped test split stays the test split) and scale.
+
+        Returns:
+            The splits, the query indices and what was read.
+        """
         x_pool, y_pool, x_test, y_test = self.read()
         tr, va, te = split_with_fixed_test(
             len(y_pool),
@@ -128,8 +133,9 @@ _IDX_DTYPES = {0x08: np.uint8}
 
 
 def read_idx(path: Path, data_dir: str, expect_ndim: int) -> np.ndarray:
-    """Read one IDX file (raw or gzipped): magic 0x0000 | dtype | ndim, big-endian uint32
-    dimensions, then the data.
+    """Read one IDX file (raw or gzipped) as an array of ``expect_ndim`` dimensions.
+
+    The format: magic 0x0000 | dtype | ndim, big-endian uint32 dimensions, then the data.
 
     Raises:
         DataFileError: wrong magic, dtype, rank or length.
@@ -192,6 +198,12 @@ class MNISTFiles(ImageFiles):
         )
 
     def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The four MNIST IDX files.
+
+        Returns:
+            (x_train (60000, 1, 28, 28) uint8, y_train (60000,), x_test (10000, 1, 28, 28)
+            uint8, y_test (10000,)), or as many as the files hold.
+        """
         out = []
         for split in ("train", "test"):
             px, py = self._path(f"{split}_x"), self._path(f"{split}_y")
@@ -236,8 +248,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 batch: a pickled dict with ``data`` (N, 3072) uint8 (1024 red, then green,
-    then blue values, row-major 32x32) and ``labels`` (N ints in [0, 10)).
+    """Read one CIFAR-10 batch file.
+
+    It is a pickled dict with ``data`` (N, 3072) uint8 (1024 red, then green, then blue
+    values, row-major 32x32) and ``labels`` (N ints in [0, 10)).
 
     Returns:
         (x (N, 3, 32, 32) uint8, y (N,) int64).
@@ -286,6 +300,12 @@ class CIFAR10Files(ImageFiles):
         return find_file(self.data_dir, [fname], [self.subdir], "CIFAR-10 python", CIFAR_SOURCE)
 
     def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The CIFAR-10 training batches (concatenated) and the test batch.
+
+        Returns:
+            (x_train (N, 3, 32, 32) uint8, y_train (N,), x_test (10000, 3, 32, 32) uint8,
+            y_test (10000,)), N = 10,000 per training batch read.
+        """
         parts = [read_cifar_batch(self._path(b), self.data_dir) for b in self.train_batches]
         x_te, y_te = read_cifar_batch(self._path("test_batch"), self.data_dir)
         x_tr = np.concatenate([p[0] for p in parts])

@@ -119,6 +119,8 @@ def resolve_count(
         available: how many points it may take at most.
         holds: what the data holds, e.g. ``"data.csv holds 700 rows"`` (for the error).
         fix: extra advice appended to "lower `key`" (e.g. " or dataset.num_test").
+        lo: smallest integer size allowed.
+        base: what a fraction is of (default ``available``).
 
     Raises:
         ConfigError: naming the key, the value, the range, what the data holds and the fix.
@@ -179,6 +181,12 @@ def split_with_fixed_test(
     integers or fractions of the pool they are drawn from.
 
     Args:
+        n_pool: number of points in the training part (train and val are drawn from it).
+        n_test: number of points in the shipped test part.
+        num_train: training size (integer, fraction of what val leaves, or None = all).
+        num_val: validation size (integer or fraction of ``n_pool``).
+        num_test: test size (integer, fraction of ``n_test``, or None = all).
+        seed: split seed (val and test use it, train ``seed + 1``).
         source: what the data is (file or set name), for the size errors.
 
     Returns:
@@ -227,6 +235,11 @@ def split_pool(
     integers or fractions of ``n`` (``num_train``: of what val and test leave).
 
     Args:
+        n: number of points.
+        num_train: training size (integer, fraction of what val and test leave, or None).
+        num_val: validation size (integer or fraction of ``n``).
+        num_test: test size (integer, fraction of ``n``, or None = all that remain).
+        seed: split seed.
         holds: what the data holds, for the size errors (default "the data set holds n
             points").
     """

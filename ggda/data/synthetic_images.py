@@ -109,6 +109,7 @@ class SyntheticImages(TensorDataset):
         self.data_seed = int(data_seed)
 
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Seeded template images, flattened: (x (N, C*H*W) float, y (N,) int, num_classes)."""
         g = torch.Generator().manual_seed(self.data_seed)
         templates = class_templates(self.num_classes, self.image_shape, g)
         n = self.num_train + self.num_val + self.num_test

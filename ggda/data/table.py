@@ -267,6 +267,14 @@ class TableFile:
         return dict(zip(order, out, strict=True)), names
 
     def load(self) -> DataBundle:
+        """Read the table (and test table), encode and standardise the features, and split.
+
+        Returns:
+            The splits, the query indices and what was read (feature names, dropped rows).
+
+        Raises:
+            DataFileError: a file cannot be read or lacks a configured column.
+        """
         pool = self._read("dataset.file", self.file)
         test = None if self.test_file is None else self._read("dataset.test_file", self.test_file)
         feats = self._feature_columns(pool)

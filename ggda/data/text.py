@@ -63,8 +63,10 @@ class Vocabulary:
 
     @classmethod
     def build(cls, token_lists: Iterable[list[str]], max_vocab: int, min_freq: int) -> Vocabulary:
-        """Count tokens, keep those seen >= ``min_freq`` times, the ``max_vocab - 3`` most
-        frequent (ties alphabetical, so the result does not depend on document order).
+        """Build a vocabulary from token counts.
+
+        Keeps the tokens seen >= ``min_freq`` times, the ``max_vocab - 3`` most frequent
+        (ties alphabetical, so the result does not depend on document order).
         """
         max_vocab = check_int("dataset.max_vocab", max_vocab, len(SPECIALS) + 1)
         min_freq = check_int("dataset.min_freq", min_freq, 1)
@@ -75,6 +77,14 @@ class Vocabulary:
         return cls(ranked[: max_vocab - len(SPECIALS)])
 
     def encode(self, tokens: list[str]) -> list[int]:
+        """Token ids of ``tokens``, ``UNK`` for tokens not in the vocabulary.
+
+        Args:
+            tokens: one text's tokens.
+
+        Returns:
+            One id per token.
+        """
         return [self.stoi.get(t, UNK) for t in tokens]
 
 
@@ -123,12 +133,19 @@ class TextData:
         self.noise_seed = int(noise_seed)
 
     def splits(self) -> tuple[dict[str, tuple[list[list[list[str]]], list[int]]], list[str]]:
-        """Tokenised splits ``{split: (examples, labels)}`` and the class names; an example is a
-        list of token lists (one per text: a single text, or a sentence pair).
+        """Tokenised splits ``{split: (examples, labels)}`` and the class names.
+
+        An example is a list of token lists (one per text: a single text, or a sentence pair).
         """
         raise NotImplementedError
 
     def load(self) -> DataBundle:
+        """Build the vocabulary on the training split and encode every split as padded ids.
+
+        Returns:
+            The splits with x (N, max_len) long token ids, the query indices and the
+            vocabulary and class names in ``meta``.
+        """
         splits, classes = self.splits()
         train_docs = splits["train"][0]
         vocab = Vocabulary.build(
@@ -192,6 +209,7 @@ class BBCNews(TextData):
         return texts, labels, classes
 
     def splits(self) -> tuple[dict, list[str]]:
+        """The BBC documents split by seed into train / val / test, one text per example."""
         texts, labels, classes = self.documents()
         tr, va, te = split_indices(
             len(texts), (self.num_train, self.num_val, self.num_test), self.split_seed
@@ -292,6 +310,7 @@ class QNLIFiles(TextData):
         return read_qnli_tsv(path, self.data_dir)
 
     def splits(self) -> tuple[dict, list[str]]:
+        """QNLI train.tsv split into train / val, dev.tsv as the test split; sentence pairs."""
         pairs, labels = self._read("train.tsv")
         dev_pairs, dev_labels = self._read("dev.tsv")
         tr, va, te = split_with_fixed_test(

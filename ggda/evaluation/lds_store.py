@@ -185,6 +185,7 @@ class LDSStore:
     # -- reading --------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
+        """Path of the store's ``manifest.json``."""
         return self.path / "manifest.json"
 
     def manifest(self) -> dict[str, Any]:

@@ -196,9 +196,11 @@ def compute_entry(
 def compute_entries(
     recipe: Recipe, bundle: DataBundle, items: list[Item], device: str = "cpu", desc: str = ""
 ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
-    """Compute ``items`` in two passes: first those no other process is computing, then
-    (waiting for their locks) the rest, which are then usually read from the cache. Sweep
-    jobs asking for the same subsets at once thus share the work instead of queueing.
+    """Compute ``items`` in two passes, skipping those another process is computing.
+
+    First those no other process is computing, then (waiting for their locks) the rest,
+    which are then usually read from the cache. Sweep jobs asking for the same subsets at
+    once thus share the work instead of queueing.
 
     Returns:
         ``({path: logits}, number trained here)``.
@@ -557,9 +559,10 @@ class RetrainService:
         return self.executor == "slurm" and slurm_job_id() is not None
 
     def _run_in_allocation(self, items: list[Item], desc: str) -> int:
-        """Retrain ``items`` in this SLURM job's own allocation: a pool of ``workers``
-        processes (0 = the job's ``SLURM_CPUS_PER_TASK``), one torch thread each, or in this
-        process when there is one CPU or few items.
+        """Retrain ``items`` in this SLURM job's own allocation.
+
+        A pool of ``workers`` processes (0 = the job's ``SLURM_CPUS_PER_TASK``), one torch
+        thread each, or in this process when there is one CPU or few items.
         """
         pool = self.workers > 1 and len(items) >= self.min_parallel
         if not self._said_route:

@@ -165,6 +165,7 @@ def capacity_assign(
         c: (k, f) centres.
         caps: places per centre added in each phase, e.g. ``(n // k, 1)`` (balanced) or
             ``(ceil(f n / k),)`` (sizes capped at f times the mean).
+        chunk: rows per GEMM when distances are not precomputed (bounds memory).
         info: if given, ``info["capacity_rounds"]`` is set to the number of rounds.
 
     Returns:
@@ -216,8 +217,9 @@ def balanced_assign(
 
 
 def size_cap(n: int, k: int, factor: float) -> int:
-    """Largest group allowed by ``max_size_factor``: ceil(factor * n / k), at least
-    ceil(n / k) so that n points fit into k groups.
+    """Largest group allowed by ``max_size_factor``: ceil(factor * n / k).
+
+    At least ceil(n / k), so that n points fit into k groups.
     """
     return max(math.ceil(n / k), math.ceil(factor * n / k - 1e-9))
 
@@ -382,6 +384,7 @@ class KMeansGrouper(Grouper):
 
     @property
     def uses_model(self) -> bool:  # type: ignore[override]
+        """True unless the features are the raw inputs (then no model is needed)."""
         return self.features != "inputs"
 
     @property
@@ -390,6 +393,14 @@ class KMeansGrouper(Grouper):
         return dict(self._timings)
 
     def group(self, inputs: GroupingInputs) -> Grouping:
+        """Cluster the training points' features into k groups.
+
+        Args:
+            inputs: the training data (x (n, ...), y (n,)), the model and the device.
+
+        Returns:
+            The grouping: (n,) long group ids in [0, k) and the clustering's statistics.
+        """
         n = int(inputs.y.shape[0])
         k = self.k_for(n)
         device = torch.device(inputs.device)

@@ -98,6 +98,18 @@ class NetFactory:
         self.pass_classes = _accepts(fn, "num_classes")
 
     def __call__(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        """Build the net, passing ``input_shape`` / ``num_classes`` where the target accepts them.
+
+        Args:
+            input_shape: shape of one input, e.g. ``(1, 28, 28)``.
+            num_classes: number of classes C (logits per input).
+
+        Returns:
+            The model the target built.
+
+        Raises:
+            ConfigError: the target fails or does not return an ``nn.Module``.
+        """
         fn = check_target(self.target)
         kw = dict(self.kwargs)
         if self.pass_shape:
@@ -133,8 +145,10 @@ def custom_factory(net_cfg: dict[str, Any]) -> NetFactory:
 
 
 def net_factory(net_cfg: dict[str, Any], build: Callable[[dict], Any]) -> Callable[..., Any]:
-    """The factory of a ``model.net`` node: the shipped nets (``ggda.*``, built by
-    ``build``) as they are, any other ``_target_`` as a checked :class:`NetFactory`.
+    """The factory of a ``model.net`` node.
+
+    The shipped nets (``ggda.*``, built by ``build``) as they are, any other ``_target_``
+    as a checked :class:`NetFactory`.
     """
     target = net_cfg.get("_target_")
     if isinstance(target, str) and target.startswith("ggda."):
@@ -149,6 +163,7 @@ def check_net(net: nn.Module, x: torch.Tensor, num_classes: int, key: str = KEY)
         net: the freshly built model.
         x: (B, *input_shape) a few training inputs.
         num_classes: C.
+        key: config key named in the errors.
 
     Raises:
         ConfigError: the forward pass fails, or the output is not (B, C) and finite-typed.

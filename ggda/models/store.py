@@ -56,6 +56,7 @@ class ModelStore:
     # -- manifest ---------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
+        """Path of the model's ``manifest.json``."""
         return self.dir / "manifest.json"
 
     def manifest(self) -> dict:
@@ -142,6 +143,7 @@ class ModelStore:
         return "partial" if man.get("last") else "none"
 
     def wipe(self) -> None:
+        """Delete every file of this model but the lock (call under the lock)."""
         for p in self.dir.glob("*"):
             if p.name != ".lock":
                 p.unlink() if p.is_file() else shutil.rmtree(p)
@@ -193,6 +195,7 @@ class ModelStore:
             (self.dir / old).unlink(missing_ok=True)
 
     def mark_complete(self) -> None:
+        """Record that training finished (no write when it is recorded already)."""
         man = self.manifest()
         if man.get("complete"):
             return  # a resumed finished fit: nothing changes (and nothing is written)
@@ -222,6 +225,7 @@ class ModelStore:
         self._lock_file = fh
 
     def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (a no-op when not held)."""
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
