@@ -152,8 +152,10 @@ def _read_run(d: Path, root: Path) -> dict[str, Any] | None:
 
 
 def variant_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Config keys that vary between runs of the same dataset, model, method, grouping,
-    k and seed: they make separate configurations (lines) of the study.
+    """Config keys that make separate configurations (lines) of the study.
+
+    These are the keys that vary between runs of the same dataset, model, method,
+    grouping, k and seed.
 
     Keys that are functions of those (``grouping.seed``, a method's own options, the
     dataset's sizes) are not variants.
@@ -214,8 +216,9 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
 
 
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``speedup/attribution`` and ``speedup/with_grouping``: T(k = n) / T(run), with
-    T(k = n) the seed-averaged time of the k = n run of the same method, dataset, model
+    """Add ``speedup/attribution`` and ``speedup/with_grouping``: T(k = n) / T(run).
+
+    T(k = n) is the seed-averaged time of the k = n run of the same method, dataset, model
     and variant (grouping options aside; NaN where the sweep has none).
     """
     df = df.copy()
@@ -249,8 +252,9 @@ def _eval_columns(df: pd.DataFrame) -> list[str]:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Seed-averaged table: mean and std of the headline metrics per configuration and k
-    (with the group sizes, the cost in epochs and the 95 % query intervals).
+    """Seed-averaged table: mean and std of the headline metrics per configuration and k.
+
+    It also has the group sizes, the cost in epochs and the 95 % query intervals.
     """
     cols = [
         c
@@ -389,8 +393,10 @@ def _col(agg: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _lds_err(agg: pd.DataFrame, level: str):
-    """(k, mean LDS, error bar, kind): std over seeds where a k has several seeds, else the
-    95 % interval of the mean over queries (kind ``seeds`` or ``queries``).
+    """(k, mean LDS, error bar, kind) of one LDS level, or None when it was not measured.
+
+    The error bar is the std over seeds where every k has several seeds (kind ``seeds``),
+    else the 95 % interval of the mean over queries (kind ``queries``).
     """
     got = _col(agg, LDS[level])
     if got is None:
@@ -413,8 +419,10 @@ def _err_caption(kinds: set[str]) -> str:
 
 
 def _plain_log(axis: Any, minor: bool = True) -> None:
-    """Log axis labelled with plain numbers (0.02, 1, 5, 100); also at 2x and 5x each power
-    of ten when ``minor``, so that a range within one decade still has labels.
+    """Log axis labelled with plain numbers (0.02, 1, 5, 100).
+
+    With ``minor`` also at 2x and 5x each power of ten, so that a range within one decade
+    still has labels.
     """
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     axis.set_major_formatter(plain)
@@ -457,8 +465,10 @@ def _legend(fig: Any, axes: Sequence[Any]) -> None:
 
 
 def plot_lds(df: pd.DataFrame) -> Any:
-    """LDS (point and group level) against k, one line per method and grouping; error bars
-    from seeds, or 95 % intervals over queries with one seed (the title says which).
+    """LDS (point and group level) against k, one line per method and grouping.
+
+    Error bars are from seeds, or 95 % intervals over queries with one seed (the title
+    says which).
     """
     levels = [(lv, c) for lv, c in LDS.items() if c in df and df[c].notna().any()]
     fig, axes = plt.subplots(
@@ -503,8 +513,9 @@ def plot_time(df: pd.DataFrame) -> Any:
 
 
 def plot_speedup(df: pd.DataFrame) -> Any:
-    """Speedup against the k = n run of the same sweep and method, against k (drawn only
-    when the sweep has one; methods without one are named on the figure).
+    """Speedup against the k = n run of the same sweep and method, against k.
+
+    Drawn only when the sweep has such a run; methods without one are named on the figure.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
     missing = sorted(df.loc[~df["has_baseline"], "method"].unique())
@@ -583,8 +594,10 @@ def _pruning_curves(df: pd.DataFrame) -> dict[str, list[tuple[float, str]]]:
 
 
 def plot_pruning(df: pd.DataFrame) -> Any:
-    """Test accuracy (retrained) against the fraction removed, one panel per removal order,
-    one line per method / grouping / k (random removal dashed grey).
+    """Test accuracy (retrained) against the fraction of training data removed.
+
+    One panel per removal order, one line per method / grouping / k (random removal
+    dashed grey).
     """
     curves = _pruning_curves(df)
     orders = [o for o in curves if o != "random"] or list(curves)
@@ -619,8 +632,16 @@ def plot_pruning(df: pd.DataFrame) -> Any:
 
 
 def pareto_front(time: np.ndarray, fidelity: np.ndarray) -> np.ndarray:
-    """Indices of the points no other point beats in both time (lower) and fidelity
-    (higher), sorted by time.
+    """Indices of the Pareto front of (time, fidelity), sorted by time.
+
+    These are the points no other point beats in both time (lower) and fidelity (higher).
+
+    Args:
+        time: (P,) cost of each point.
+        fidelity: (P,) fidelity of each point (e.g. LDS).
+
+    Returns:
+        (F,) int indices into the P points.
     """
     order = np.lexsort((-fidelity, time))
     front, best = [], -np.inf
@@ -729,8 +750,9 @@ def _pm(row: pd.Series, col: str, spec: str = ".3f") -> str:
 
 
 def compact_table(summary: pd.DataFrame) -> str:
-    """A short markdown table: one row per configuration and k, the headline columns only
-    (every column is in ``summary.csv``).
+    """A short markdown table: one row per configuration and k, the headline columns only.
+
+    Every column is in ``summary.csv``.
     """
     cols = [
         ("point LDS", LDS["point"], ".3f"),
@@ -787,8 +809,10 @@ def _markdown(
 
 
 def wandb_run_id(root: Path) -> str:
-    """The summary run's id: a hash of the sweep directory, so that a second report of the
-    same sweep updates the same W&B run (``resume="allow"``) instead of adding one.
+    """The summary run's id: a hash of the sweep directory.
+
+    A second report of the same sweep thus updates the same W&B run (``resume="allow"``)
+    instead of adding one.
     """
     import hashlib
 
@@ -947,6 +971,16 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line ``python -m ggda.report ROOT [--out DIR] [--wandb] [--project P]``.
+
+    Prints the summary table and the files written.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 after printing a ggda error.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m ggda.report",
         description="Tables and figures of a ggda sweep: LDS, time and speedup vs k, and "

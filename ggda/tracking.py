@@ -35,8 +35,10 @@ HARMLESS_WARNINGS = (
 
 
 def quiet_console() -> None:
-    """Filter the known harmless warnings and silence W&B's banners (the run directory
-    and ``wandb sync`` say where a run went). ``WANDB_SILENT=false`` brings them back.
+    """Filter the known harmless warnings and silence W&B's banners.
+
+    The run directory and ``wandb sync`` say where a run went; ``WANDB_SILENT=false``
+    brings the banners back.
     """
     for pattern in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
@@ -74,8 +76,9 @@ K_METRICS = ("lds/*", "time/*", "attribution/*", "speedup/*")
 
 
 def define_metrics(loggers: Sequence[Any]) -> None:
-    """W&B: ``grouping/k`` is the step metric of ``lds/*``, ``time/*`` and the other
-    per-run results, so that a panel over a sweep's runs draws them against k.
+    """Make ``grouping/k`` the W&B step metric of ``lds/*``, ``time/*`` and other results.
+
+    A panel over a sweep's runs then draws these per-run results against k.
     """
     for lg in loggers:
         if _is_wandb(lg):

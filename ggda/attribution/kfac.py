@@ -153,6 +153,7 @@ class KroneckerFactors:
         Returns:
             The factors, with every tensor on ``device``.
         """
+
         def mv(v):
             return v.to(device) if isinstance(v, torch.Tensor) else v
 

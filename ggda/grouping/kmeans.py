@@ -399,7 +399,7 @@ class KMeansGrouper(Grouper):
             inputs: the training data (x (n, ...), y (n,)), the model and the device.
 
         Returns:
-            The grouping: (n,) long group ids in [0, k) and the clustering's statistics.
+            The grouping: (n,) long group ids in [0, k), k = ``self.k_for(n)``.
         """
         n = int(inputs.y.shape[0])
         k = self.k_for(n)

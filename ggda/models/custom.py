@@ -108,7 +108,8 @@ class NetFactory:
             The model the target built.
 
         Raises:
-            ConfigError: the target fails or does not return an ``nn.Module``.
+            ConfigError: the target rejects the keyword arguments, or does not return an
+                ``nn.Module``.
         """
         fn = check_target(self.target)
         kw = dict(self.kwargs)
