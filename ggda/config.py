@@ -15,6 +15,7 @@ Registered before Hydra composes (``run.py`` imports this module).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,27 @@ def _result_overrides(overrides: Any, skip: tuple[str, ...] = ()) -> list[str]:
     return sorted(out)
 
 
+# Longest directory-name part made of overrides, in bytes: file systems cap a name at 255
+# bytes, and a run's name adds `<grouping>_k<k>_s<seed><tag>` to its suffix.
+MAX_NAME_BYTES = 160
+
+
+def _fit_name(text: str) -> str:
+    """``text`` if short enough for a directory name, else its start plus a hash of it all.
+
+    The hash keeps long variants (an absolute ``dataset.file`` path, many overrides) apart
+    and stable: the same overrides always map to the same directory.
+    """
+    if len(text.encode()) <= MAX_NAME_BYTES:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    head = text.encode()[: MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
 def _dirname(overrides: Any) -> str:
     """A sweep job's subdirectory: its result-deciding overrides, ``key=value,...``."""
-    return ",".join(_result_overrides(overrides)) or "default"
+    return _fit_name(",".join(_result_overrides(overrides))) or "default"
 
 
 def _variant(overrides: Any) -> str:
@@ -121,7 +140,7 @@ def _variant(overrides: Any) -> str:
     appended, so that it writes (and finds) its own results instead of colliding with the
     run without it. Presentation overrides never appear.
     """
-    return "".join("," + line for line in _result_overrides(overrides, NAME_KEYS))
+    return _fit_name("".join("," + line for line in _result_overrides(overrides, NAME_KEYS)))
 
 
 def _k_label(grouping_name: str, groups: object) -> str:

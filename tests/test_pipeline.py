@@ -116,9 +116,10 @@ def test_sweep_directories_leave_presentation_overrides_out(tmp_path):
 
 def test_second_run_reuses_base_model_grouping_and_retrains(smoke_run):
     out, _ = smoke_run
-    # another method config (different run dir via tag): same model, grouping, point retrains
+    # another method config (its own run dir: the tag, then the result-deciding override):
+    # same model, grouping, point retrains
     _ok(run_cli([*SMOKE, "method.checkpoints=last", "tag=_last"], out))
-    m = json.loads((out / (RUN + "_last") / "metrics.json").read_text())
+    m = json.loads((out / (RUN + "_last,method.checkpoints=last") / "metrics.json").read_text())
     assert m["model/cached"] == 1.0
     assert m["grouping/cached"] == 1
     assert m["lds/retrains_run"] == 0 and m["lds/retrains_cached"] == 16

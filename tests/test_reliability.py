@@ -15,12 +15,24 @@ import pytest
 import torch
 
 from factory import ROOT, run_cli
+from ggda.config import _variant
 from ggda.io import load_artifact
+from ggda.report import COST
 
 pytestmark = pytest.mark.slow
 
 SMOKE = ["experiment=smoke", "logger=none"]
 RUN = "runs/synthetic/tracin/kmeans_k8_s0"
+
+
+def _run(args):
+    """The run directory of CLI ``args`` under the output directory.
+
+    Named as conf/hydra/default.yaml names it: ``RUN``, the tag, then every result-deciding
+    override that is not already in the name (``,evaluation=none,model.epochs=40``).
+    """
+    tag = next((a.split("=", 1)[1] for a in args if a.startswith("tag=")), "")
+    return RUN + tag + _variant(args)
 
 
 def _metrics(out, run=RUN):
@@ -79,12 +91,21 @@ def test_same_config_and_seed_give_identical_outputs(tmp_path):
 def test_corrupt_cache_entries_are_reported_and_recomputed(tmp_path):
     _ok(run_cli(SMOKE, tmp_path))
     first = _metrics(tmp_path)
+    # Retrain results live twice: per (subset, seed) entry and as rows of the LDS stores,
+    # which are read first. Damage every entry and one store row: exactly that row is
+    # retrained (its entry is bad too); every other row comes from its store.
     retrains = sorted((tmp_path / "cache" / "retrain").rglob("*.pt"))
     scores = next((tmp_path / "cache" / "scores").glob("*.pt"))
-    for p in (retrains[0], scores):
+    for p in (*retrains, scores):
         p.write_bytes(p.read_bytes()[:100])  # truncated, as by a kill mid-write elsewhere
+    (store,) = (tmp_path / "cache" / "lds").glob("*/point-*")
+    logits = np.load(store / "logits_val.npy", mmap_mode="r+")
+    logits[0] += 1.0  # a flipped row: a valid file with wrong numbers
+    logits.flush()
+    del logits
     res = _ok(run_cli([*SMOKE, "tag=_again"], tmp_path))
     log = res.stdout + res.stderr
+    assert f"row 0 of LDS store {store}: its logits fail their checksum" in log
     assert "Ignoring bad cached retrain result" in log
     assert "Ignoring bad cached attribution scores" in log
     again = _metrics(tmp_path, RUN + "_again")
@@ -173,7 +194,9 @@ def clean_run(tmp_path_factory):
     return out
 
 
-def _assert_same_training(a, b, run_b=RUN):
+def _assert_same_training(a, b, run_b=None):
+    run_a = _run(TRAIN)
+    run_b = run_b or run_a
     da, db = _store_dir(a), _store_dir(b)
     names = sorted(p.name for p in da.glob("epoch_*.ckpt"))
     assert names == ["epoch_010.ckpt", "epoch_020.ckpt", "epoch_030.ckpt", "epoch_040.ckpt"]
@@ -188,12 +211,18 @@ def _assert_same_training(a, b, run_b=RUN):
             for k, v in sa[i].items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), (name, i, k)
         assert ca["lr_schedulers"] == cb["lr_schedulers"], name
-        assert ca["ggda_lr"] == cb["ggda_lr"] and ca["epoch"] == cb["epoch"]
-    sa, sb = torch.load(a / RUN / "scores.pt"), torch.load(b / run_b / "scores.pt")
+        assert ca["epoch"] == cb["epoch"], name
+    # the learning rate in force at each checkpoint (TracIn's weights) is in the manifest
+    man_a, man_b = (json.loads((d / "manifest.json").read_text()) for d in (da, db))
+    for name in names:
+        assert man_a["files"][name]["lr"] == man_b["files"][name]["lr"], name
+        assert man_a["files"][name]["epoch"] == man_b["files"][name]["epoch"], name
+    sa, sb = torch.load(a / run_a / "scores.pt"), torch.load(b / run_b / "scores.pt")
     assert torch.equal(sa, sb)
-    ma, mb = _metrics(a), _metrics(b, run_b)
-    for key in ma:  # results, not how they were obtained (cache hits, timings)
-        if not key.startswith("time/") and "cached" not in key and "retrains_" not in key:
+    ma, mb = _metrics(a, run_a), _metrics(b, run_b)
+    for key in ma:  # results, not how they were obtained (cache hits, timings, run cost)
+        cost = key.startswith("time/") or key in COST
+        if not cost and "cached" not in key and "retrains_" not in key:
             assert ma[key] == mb[key], key
 
 
@@ -225,7 +254,7 @@ def test_killed_training_resumes_bit_identically(tmp_path, clean_run, mode):
         assert len(lines) == 1 and "interrupted (SIGINT)" in lines[0], err[-2000:]
         assert "run the same command again to resume" in lines[0]
         assert "Traceback" not in err
-    assert not (tmp_path / RUN / "metrics.json").exists()
+    assert not (tmp_path / _run(TRAIN) / "metrics.json").exists()
     res = _ok(run_cli(TRAIN, tmp_path))
     assert "Resuming the interrupted training" in res.stderr + res.stdout
     _assert_same_training(clean_run, tmp_path)
@@ -252,11 +281,17 @@ def test_concurrent_starts_of_one_config_keep_every_epoch(tmp_path, clean_run):
         f"epoch_{e:03d}.ckpt" for e in (10, 20, 30, 40)
     ]
     for i in range(4):  # every start's checkpoints, scores and metrics are the serial run's
-        _assert_same_training(clean_run, tmp_path, f"{RUN}_{i}")
+        _assert_same_training(clean_run, tmp_path, _run([*TRAIN, f"tag=_{i}"]))
 
 
 def test_two_configs_into_one_run_directory_at_once(tmp_path):
-    configs = [[*SMOKE, "evaluation=none"], [*SMOKE, "evaluation=none", "model.epochs=6"]]
+    # Different overrides name different run directories; one directory for two configs
+    # happens when a run's directory is set by hand (or by an edited experiment preset).
+    same_dir = f"hydra.run.dir={tmp_path / RUN}"
+    configs = [
+        [*SMOKE, "evaluation=none", same_dir],
+        [*SMOKE, "evaluation=none", "model.epochs=6", same_dir],
+    ]
     procs = [_popen(args, tmp_path) for args in configs]
     outs = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
@@ -308,14 +343,14 @@ def test_a_changed_data_file_retrains_an_unchanged_one_reuses(tmp_path):
     run = "runs/mnist/tracin/kmeans_k4_s0"
     _ok(run_cli(args, tmp_path))
     _ok(run_cli([*args, "tag=_same"], tmp_path))
-    same = _metrics(tmp_path, run + "_same")
+    same = _metrics(tmp_path, run + "_same" + _variant(args))
     assert same["model/cached"] == 1 and same["attribution/cached"] == 1
     f = data / "train-images-idx3-ubyte"
     raw = bytearray(f.read_bytes())
     raw[-1] ^= 0x7F  # one pixel of the last training image
     f.write_bytes(bytes(raw))
     log = _ok(run_cli([*args, "tag=_changed"], tmp_path))
-    changed = _metrics(tmp_path, run + "_changed")
+    changed = _metrics(tmp_path, run + "_changed" + _variant(args))
     assert changed["model/cached"] == 0 and changed["attribution/cached"] == 0, log.stderr
     assert changed["grouping/cached"] == 0
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
@@ -324,8 +359,9 @@ def test_a_changed_data_file_retrains_an_unchanged_one_reuses(tmp_path):
 # -- precision, devices ---------------------------------------------------------------------
 def test_precision_64_runs_end_to_end_with_retrains(tmp_path):
     _ok(run_cli([*SMOKE, "trainer.precision=64-true", "evaluation.lds.num_subsets=4"], tmp_path))
-    assert torch.load(tmp_path / RUN / "scores.pt").dtype == torch.float64
-    m = _metrics(tmp_path)
+    run = _run(["trainer.precision=64-true", "evaluation.lds.num_subsets=4"])
+    assert torch.load(tmp_path / run / "scores.pt").dtype == torch.float64
+    m = _metrics(tmp_path, run)
     assert np.isfinite(m["lds/point/mean"])
 
 
@@ -446,7 +482,10 @@ def test_pool_workers_exit_when_their_parent_is_killed(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers are orphaned
     proc.wait(timeout=30)
     t0 = time.monotonic()
-    while [w for w in workers if _alive(w)] and time.monotonic() - t0 < 10:
+    # A worker still importing torch when its parent dies sets its death signal only once
+    # the import is done, which takes well over 10 s on a loaded 2-core machine; an orphan
+    # that "kept running" would run its retrains for minutes, so 60 s still tells them apart.
+    while [w for w in workers if _alive(w)] and time.monotonic() - t0 < 60:
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)], "orphaned pool workers kept running"
 
@@ -489,7 +528,7 @@ def test_damaged_run_and_store_files_are_named(tmp_path):
     args = [*SMOKE, "evaluation=none"]
     _ok(run_cli(args, tmp_path))
     for name in ("metrics.json", "config.json"):
-        path = tmp_path / RUN / name
+        path = tmp_path / _run(args) / name
         good = path.read_text()
         path.write_text("{garbage")
         res = run_cli(args, tmp_path)
@@ -500,4 +539,4 @@ def test_damaged_run_and_store_files_are_named(tmp_path):
     man.write_text("{garbage")
     res = _ok(run_cli([*args, "tag=_again"], tmp_path))
     assert "unusable (is not valid JSON" in res.stdout + res.stderr, res.stdout[-2000:]
-    assert _metrics(tmp_path, RUN + "_again")["model/cached"] == 0
+    assert _metrics(tmp_path, _run([*args, "tag=_again"]))["model/cached"] == 0

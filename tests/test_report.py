@@ -229,4 +229,8 @@ def test_report_over_a_real_tiny_sweep(tmp_path):
     assert df["has_baseline"].all()
     single = df[df.grouping == "singleton"].iloc[0]
     assert single["speedup/attribution"] == pytest.approx(1.0)
-    assert all((sweep / "report" / f"{n}.png").exists() for n in rp.FIGURES)
+    # a figure is drawn only when the sweep measured what it shows: the smoke sweep has LDS
+    # and timings, but no noisy-label or pruning evaluation
+    drawn = {"lds_vs_k", "time_vs_k", "speedup_vs_k", "frontier"}
+    assert drawn < set(rp.FIGURES)
+    assert {p.stem for p in (sweep / "report").glob("*.png")} == drawn

@@ -43,8 +43,14 @@ RETRAIN_SLURM = [
 
 
 def _volatile(key: str) -> bool:
-    """Metrics that say how the work was shared or how long it took, not what it found."""
-    return key.startswith(("time/", "lds/retrain")) or key.endswith("/cached")
+    """Metrics that say how the work was shared or how long it took, not what it found
+    (``attribution/epochs`` is attribution time in base-model epochs, only where this
+    run's model store holds epoch timings)."""
+    return (
+        key.startswith(("time/", "lds/retrain"))
+        or key.endswith("/cached")
+        or key == "attribution/epochs"
+    )
 
 
 def _results(metrics_json: Path) -> dict:

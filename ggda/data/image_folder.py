@@ -129,6 +129,7 @@ class ImageFolder:
         noise_seed: int = 0,
     ) -> None:
         self.root, self.data_dir, self.name = root, data_dir, name
+        self.size = size  # as given (the config key); `hw` is the resolved (height, width)
         self.hw = _size(size)
         if channels is not None and channels not in (1, 3):
             raise ConfigError("dataset.channels", channels, "1, 3 or null (automatic)")

@@ -64,7 +64,7 @@ class SyntheticImages(TensorDataset):
     """Image-shaped data with class templates, shifts and noise; seeded, no files.
 
     Args:
-        name: data set name.
+        name: data set name (None = ``synth_<preset>``, as in the run directory names).
         num_train, num_val, num_test: split sizes (all generated).
         preset: ``mnist`` (1x28x28) | ``cifar`` (3x32x32).
         shape: (C, H, W) overriding the preset (None = the preset's).
@@ -78,7 +78,7 @@ class SyntheticImages(TensorDataset):
 
     def __init__(
         self,
-        name: str = "synthetic_images",
+        name: str | None = None,
         num_train: int = 2000,
         num_val: int = 200,
         num_test: int = 200,
@@ -91,8 +91,12 @@ class SyntheticImages(TensorDataset):
         **kw,
     ) -> None:
         kw.setdefault("flatten", False)
-        super().__init__(name, num_train, num_val, num_test, **kw)
         check_choice("dataset.preset", preset, list(PRESETS))
+        super().__init__(
+            f"synth_{preset}" if name is None else name, num_train, num_val, num_test, **kw
+        )
+        # the settings as given (the config's keys); `image_shape` is the resolved shape
+        self.preset, self.shape = preset, None if shape is None else list(shape)
         if shape is None:
             shape = PRESETS[preset]
         if len(shape) != 3:

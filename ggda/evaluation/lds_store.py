@@ -4,7 +4,8 @@ One store holds one family of subsets (one level of one LDS configuration) for o
 key (recipe + data, see the pipeline), under ``<cache_dir>/lds/<recipe key>/<name>/``:
 
     manifest.json      what each array holds, n, the recipe key, the sampler settings,
-                       the seeds' mode, the complete rows, the recorded measurements
+                       the seeds' mode, the complete rows (each with a
+                       digest of its logits), the recorded measurements
     masks.npy          (S, n) bool   row s: the training points kept in subset s
     seeds.npy          (S, R) int64  the retrain seeds of subset s (R repeats)
     logits_val.npy     (S, R, N_val, C) float32   logits of each retrain on the val split
@@ -19,15 +20,19 @@ loss or margin, any property, accuracy) derives from them.
 Writes: the arrays are created once (temp file + rename); a row is written into the
 memory maps and flushed *before* the manifest (rewritten atomically) lists it as
 complete, so a killed run keeps every finished row and a half-written row is simply not
-complete. Every change happens under the store's POSIX lock. The retrains themselves are
+complete. Every change happens under the store's POSIX lock. Reads check each complete
+row against its digest (:meth:`LDSStore.read_complete`): a damaged row or array file is
+reported, dropped from ``complete`` and retrained, never used. The retrains themselves are
 computed and locked per entry by :class:`~ggda.evaluation.retrain.RetrainService` (two jobs
 never train the same subset); the store records them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,16 @@ from ggda.io import atomic_write_bytes, atomic_write_json, stable_hash
 
 FORMAT = "ggda-lds-store/1"
 SPLITS = ("val", "test")
+
+log = logging.getLogger(__name__)
+
+
+def _row_hash(row: dict[str, np.ndarray]) -> str:
+    """Digest of one row's float32 logits of every split (what the manifest records)."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        h.update(np.ascontiguousarray(row[split], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -119,12 +134,7 @@ class LDSStore:
             atomic_write_bytes(st.path / "masks.npy", _npy_bytes(masks))
             atomic_write_bytes(st.path / "seeds.npy", _npy_bytes(seeds))
             for split in SPLITS:
-                shape = (s, r, *map(int, shapes[split]))
-                tmp = st.path / f".logits_{split}.npy.tmp"
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                mm.flush()
-                del mm
-                tmp.replace(st.path / f"logits_{split}.npy")
+                st._create_logits(split, (s, r, *map(int, shapes[split])))
             manifest = {
                 "format": FORMAT,
                 "recipe_key": recipe_key,
@@ -146,10 +156,21 @@ class LDSStore:
                     "a property's values averaged over repeats; see `measurements`",
                 },
                 "complete": [],
+                "row_hashes": {},
+                "shapes": {sp: [int(d) for d in shapes[sp]] for sp in SPLITS},
                 "measurements": {},
             }
             atomic_write_json(st.manifest_path, manifest)
         return st
+
+    def _create_logits(self, split: str, shape: tuple[int, ...]) -> None:
+        """A zeroed (S, R, N, C) float32 logits array (temp file + rename)."""
+        tmp = self.path / f".logits_{split}.npy.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        mm.flush()
+        del mm
+        tmp.replace(self.path / f"logits_{split}.npy")
 
     def _check(self, masks: np.ndarray, seeds: np.ndarray) -> None:
         if not (
@@ -190,6 +211,58 @@ class LDSStore:
         mm = np.load(self.path / f"logits_{split}.npy", mmap_mode="r")
         return mm if rows is None else np.array(mm[rows])
 
+    def read_complete(self) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The complete rows whose logits match their digests, and those logits.
+
+        A row whose logits no longer match the digest the manifest recorded (a damaged or
+        hand-edited file), or every row of an array file that cannot be read (truncated),
+        is reported with a warning and removed from ``complete`` so that it is retrained
+        and written again. Rows of stores written before digests existed are trusted.
+
+        Returns:
+            (rows, ``{"val": (len(rows), R, N_val, C), "test": ...}``) float32 copies.
+        """
+        with _entry_lock(self.manifest_path):
+            manifest = self.manifest()
+            rows = sorted(manifest["complete"])
+            if not rows:
+                return [], {}
+            got: dict[str, np.ndarray] = {}
+            bad: dict[int, str] = {}
+            for split in SPLITS:
+                try:
+                    got[split] = self.logits(split, rows)
+                except (OSError, ValueError) as e:
+                    bad |= {s: f"logits_{split}.npy is unreadable ({e})" for s in rows}
+                    shape = (manifest["num_subsets"], manifest["repeats"])
+                    if "shapes" not in manifest:
+                        raise GGDAError(
+                            f"LDS store {self.path}: logits_{split}.npy is unreadable ({e}); "
+                            "delete that folder to rebuild it"
+                        ) from None
+                    self._create_logits(split, (*shape, *manifest["shapes"][split]))
+            hashes = manifest.get("row_hashes", {})
+            for i, s in enumerate(rows):
+                want = hashes.get(str(s))
+                row = {sp: got[sp][i] for sp in SPLITS} if s not in bad else None
+                if want is not None and row is not None and _row_hash(row) != want:
+                    bad[s] = "its logits fail their checksum"
+            for s, why in sorted(bad.items()):
+                log.warning(
+                    "Ignoring bad cached retrain result (row %d of LDS store %s: %s) and "
+                    "recomputing it",
+                    s,
+                    self.path,
+                    why,
+                )
+            if bad:
+                manifest["complete"] = [s for s in rows if s not in bad]
+                for s in bad:
+                    hashes.pop(str(s), None)
+                atomic_write_json(self.manifest_path, manifest)
+            keep = [i for i, s in enumerate(rows) if s not in bad]
+            return [rows[i] for i in keep], {sp: got[sp][keep] for sp in got} if keep else {}
+
     def measurements(self) -> dict[str, np.ndarray]:
         """``{key: (S, m)}`` every recorded measurement."""
         keys = self.manifest().get("measurements", {})
@@ -205,14 +278,20 @@ class LDSStore:
         if not rows:
             return
         with _entry_lock(self.manifest_path):
+            arrays = {
+                int(s): {sp: out[sp].detach().cpu().float().numpy() for sp in SPLITS}
+                for s, out in rows.items()
+            }
             for split in SPLITS:
                 mm = np.load(self.path / f"logits_{split}.npy", mmap_mode="r+")
-                for s, out in rows.items():
-                    mm[s] = out[split].detach().cpu().float().numpy()
+                for s, row in arrays.items():
+                    mm[s] = row[split]
                 mm.flush()  # the data is on disk before the manifest says so
                 del mm
             manifest = self.manifest()
-            manifest["complete"] = sorted(set(manifest["complete"]) | {int(s) for s in rows})
+            manifest["complete"] = sorted(set(manifest["complete"]) | set(arrays))
+            hashes = manifest.setdefault("row_hashes", {})
+            hashes |= {str(s): _row_hash(row) for s, row in arrays.items()}
             atomic_write_json(self.manifest_path, manifest)
 
     def record_measurement(self, key: str, values: torch.Tensor, info: dict[str, Any]) -> None:

@@ -431,10 +431,10 @@ class RetrainService:
         results: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         done_rows: set[int] = set()
         if store is not None:
-            done_rows = set(store.complete())
+            rows, arrays = store.read_complete()  # damaged rows are reported and dropped
+            done_rows = set(rows)
             if done_rows:
-                rows = sorted(done_rows)
-                got = {sp: torch.from_numpy(store.logits(sp, rows)) for sp in ("val", "test")}
+                got = {sp: torch.from_numpy(a) for sp, a in arrays.items()}
                 for i, s in enumerate(rows):
                     for r in range(n_rep):
                         results[(s, r)] = {sp: got[sp][i, r] for sp in got}

@@ -154,6 +154,12 @@ def check_net(net: nn.Module, x: torch.Tensor, num_classes: int, key: str = KEY)
         ConfigError: the forward pass fails, or the output is not (B, C) and finite-typed.
     """
     target = type(net).__module__ + "." + type(net).__qualname__
+    # The net is built in the default dtype while the inputs may already be float64
+    # (trainer.precision=64-true casts the data; Lightning casts the net only when training
+    # starts): probe in the net's own dtype so a dtype mismatch is not reported as a bad net.
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
     was_training = net.training
     net.eval()
     try:

@@ -406,7 +406,8 @@ def test_cli_ekfac_factors_are_reused_across_jobs(tmp_path):
     for k, cached in ((8, 0), (4, 1)):
         res = run_cli([*common, f"groups={k}"], tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
-        d = tmp_path / f"runs/synthetic/influence/kmeans_k{k}_s0"
+        # evaluation=none decides the results, so it names the run directory too
+        d = tmp_path / f"runs/synthetic/influence/kmeans_k{k}_s0,evaluation=none"
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["attribution/factors_cached"] == cached
         assert metrics["time/attribution/factors"] > 0

@@ -240,3 +240,19 @@ def test_custom_net_factory_and_checks():
         check_target("???")
     with pytest.raises(ConfigError, match=r"\+model.net.width"):
         NetFactory(f"{__name__}._Net", {"depth": 3})((2, 3), 5)
+
+
+def test_run_directory_of_a_deep_file_path_fits_and_stays_apart():
+    # `dataset.file=/abs/path/...` enters the run directory's suffix; a file system caps a
+    # name at 255 bytes, so a long suffix keeps its start and gets a hash of the whole
+    from ggda.config import MAX_NAME_BYTES, _dirname, _variant
+
+    deep = "/".join(["projects", "team", "customer_data", "2026"] * 8)
+    a = ["dataset=csv", f"dataset.file=/{deep}/a/customers.csv", "dataset.target=churn"]
+    b = [a[0], f"dataset.file=/{deep}/b/customers.csv", a[2]]
+    for name in (_variant(a), _dirname(a)):
+        assert len(name.encode()) <= MAX_NAME_BYTES and "~" in name
+    assert _variant(a) == _variant(list(a))  # stable: reruns find their results
+    assert _variant(a) != _variant(b) and _dirname(a) != _dirname(b)
+    short = ["dataset.target=churn", "model=mlp"]
+    assert _variant(short) == ",dataset.target=churn,model=mlp"  # short names unchanged

@@ -149,3 +149,33 @@ def test_synthetic_image_experiments(tmp_path, experiment):
     res = run_cli([f"experiment={experiment}", *TINY, *small, *extra], tmp_path)
     _, metrics, data = _check(res, tmp_path)
     assert data["input_shape"] == ([1, 28, 28] if experiment == "synth_cnn" else [3, 32, 32])
+
+
+@pytest.mark.slow
+def test_missing_files_say_what_to_put_where(tmp_path):
+    # a relative path is looked up where the run starts, then under paths.data_dir; the
+    # error names both places, the key, and what the file must be (before any training)
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = {
+        ("dataset=csv", "dataset.file=customers.csv", "dataset.target=churn"): (
+            "dataset.file=customers.csv",
+            "a CSV, TSV or Parquet file",
+        ),
+        ("dataset=arrays", "dataset.file=my.npz"): ("dataset.file=my.npz", ".npz"),
+        ("dataset=image_folder", "dataset.root=pets"): ("dataset.root=pets", "pets"),
+    }
+    for args, (key, what) in cases.items():
+        res = run_cli([*args, f"paths.data_dir={data}", "logger=none"], tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert "ggda: error:" in res.stderr and key in res.stderr and what in res.stderr
+        assert str(data.resolve()) in res.stderr  # where else it looked: paths.data_dir
+    # the same relative name is found once it is put under paths.data_dir
+    _table(40).to_csv(data / "customers.csv", index=False)
+    res = run_cli(
+        ["dataset=csv", "dataset.file=customers.csv", "dataset.target=nope", "logger=none"]
+        + [f"paths.data_dir={data}"],
+        tmp_path,
+    )
+    assert res.returncode == 2 and "has no column 'nope' (dataset.target)" in res.stderr
+    assert str(data / "customers.csv") in res.stderr and "churn" in res.stderr

@@ -9,11 +9,10 @@ from factory import tiny_bundle, tiny_recipe
 from ggda.attribution.properties import QueryProperty
 from ggda.errors import ConfigError
 from ggda.evaluation.base import EvalContext, spearman_columns
-from ggda.evaluation.lds import LDS, lds_from_predictions, random_subsets
+from ggda.evaluation.lds import LDS, lds_from_predictions, random_subsets, subset_seeds
 from ggda.evaluation.lds_store import LDSStore
 from ggda.evaluation.retrain import RetrainService
 from ggda.grouping.base import Grouping
-from ggda.models.training import retrain_seeds
 
 
 def test_lds_hand_computed():
@@ -112,10 +111,13 @@ def test_lds_with_real_retrains(tmp_path):
     ctx = EvalContext(b, g, torch.randn(4, 8), QueryProperty(), svc)
     lds = LDS(num_subsets=5)
     res = lds.evaluate(ctx)
-    # brute force: the same subsets retrained through the service, Spearman per query by scipy
+    # brute force: the same subsets and per-subset seeds (the default seed_mode) retrained
+    # through the service, Spearman per query by scipy
+    seeds = subset_seeds(lds.seed, lds.num_subsets, lds.repeats, lds.seed_mode)
+    assert seeds.shape == (5, 1) and seeds.unique().numel() == 5
     for level in ("point", "group"):
         masks = lds.subsets(ctx, level)
-        logits = svc.run(masks, retrain_seeds(lds.seed, lds.repeats))
+        logits = svc.run(masks, seeds)
         actual = ctx.prop.values(logits[ctx.prop.split].double(), b).mean(1).numpy()  # (M, m)
         pred = (masks.double() @ g.broadcast(ctx.scores.double())).numpy()
         rho = [spearmanr(pred[:, q], actual[:, q])[0] for q in range(actual.shape[1])]
