@@ -153,8 +153,11 @@ def methods(args: argparse.Namespace, backend: str) -> dict[str, object]:
 # the run
 
 
-def bench_model(name: str, args: argparse.Namespace, device, rows: list[dict]) -> dict:
-    """All measurements of one model; appends rows, returns the model's meta."""
+def bench_model(
+    name: str, args: argparse.Namespace, device, rows: list[dict], metas: list[dict], flush
+) -> dict:
+    """All measurements of one model; appends rows (and its meta to ``metas`` as soon as
+    the model is trained), calling ``flush()`` after every finished cell."""
     factory, opt_name, (x, y, qx, qy, _) = build(name, args)
     n, m = len(y), len(qy)
     net, cks, ep_times = train(factory, opt_name, x, y, args.epochs, device)
@@ -167,6 +170,7 @@ def bench_model(name: str, args: argparse.Namespace, device, rows: list[dict]) -
         "epoch_s": epoch,
         "epoch_times": ep_times,
     }
+    metas.append(meta)
     print(f"== {name}: n={n} m={m} params={meta['params']:,} epoch={epoch:.2f}s", flush=True)
     ks = [n // d for d in (10, 100, 1000) if n // d >= 1]
 
@@ -179,6 +183,7 @@ def bench_model(name: str, args: argparse.Namespace, device, rows: list[dict]) -
             f"  (repeat {r['repeat']})",
             flush=True,
         )
+        flush()
 
     configs: list[tuple[str, str, int]] = []  # (method, backend, k)
     for mname in args.methods:
@@ -247,6 +252,7 @@ def bench_model(name: str, args: argparse.Namespace, device, rows: list[dict]) -
                 seconds=dt, peak_mb=mem.peak_mb, repeat=0)  # fmt: skip
     if name == "cnn" and args.lds_subsets > 0:
         meta["lds"] = lds_cnn(factory, opt_name, net, cks, x, y, qx, qy, device, args)
+        flush()
     return meta
 
 
@@ -281,15 +287,24 @@ def lds_cnn(factory, opt_name, net, cks, x, y, qx, qy, device, args) -> dict[str
 # report
 
 
-def write(rows: list[dict], metas: list[dict], info: dict, out: Path, args) -> None:
+def write(
+    rows: list[dict], metas: list[dict], info: dict, out: Path, args, final: bool = True
+) -> None:
+    """Write ``<out>.csv`` and ``<out>.md`` from the rows so far, each atomically.
+
+    Called after every finished cell (``final=False``: the run is still going, the md says
+    so), so a run that is cut still leaves every figure it measured.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = ["model", "what", "backend", "k", "stage", "repeat", "seconds", "epochs_equiv",
             "peak_mb", "fallback_params"]  # fmt: skip
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    tmp = out.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c, "") for c in keys})
+    os.replace(tmp, out.with_suffix(".csv"))  # a cut run leaves the last complete file
 
     def best(model, what, backend, k, stage="total"):
         rs = [
@@ -310,7 +325,18 @@ def write(rows: list[dict], metas: list[dict], info: dict, out: Path, args) -> N
         "",
         f"- Commit: {info['commit']}; machine: {info['device']}, {info['cpus']} CPUs, torch "
         f"threads {info['threads']}, torch {info['torch']}, Python {info['python']}.",
-        f"- Load average (1/5/15 min) before: {info['load_before']}, after: {info['load_after']}.",
+        f"- Host: {info['host']}; `uptime` before: {info['uptime_before']}; after: "
+        f"{info.get('uptime_after', '(run in progress)')}.",
+        f"- Load average (1/5/15 min) before: {info['load_before']}, after: "
+        f"{info.get('load_after', '(run in progress)')}.",
+        *(
+            []
+            if final
+            else [
+                "- **PARTIAL**: written while the run was in progress; cells "
+                "not yet measured are absent."
+            ]
+        ),
         f"- Every time is the minimum of {args.repeats} interleaved repeats (the vmap rows: one "
         "run). Unit: one training epoch of the same model on the same n points (median of "
         f"{args.epochs} epochs, batch 64). One checkpoint (the final model).",
@@ -365,7 +391,7 @@ def write(rows: list[dict], metas: list[dict], info: dict, out: Path, args) -> N
                 label = f"{mname} ({backend}{', per-sample' if k == n else ''})"
                 L.append(
                     f"| {label} | {k} | {s:.2f} | {s / meta['epoch_s']:.2f} | "
-                    f"{base / s:.1f}x | {mb:.0f} | {stages} |"
+                    f"{f'{base / s:.1f}x' if base else 'n/a'} | {mb:.0f} | {stages} |"
                 )
             k100 = n // 100
             s100, _ = best(mdl, mname, "factored", k100)
@@ -394,8 +420,11 @@ def write(rows: list[dict], metas: list[dict], info: dict, out: Path, args) -> N
             L += [f"| {key[2:]} | {v:.3f} |" for key, v in lds.items() if key.startswith("k=")]
         L.append("")
     L += ["## Targets", ""] + verdicts + [""]
-    out.with_suffix(".md").write_text("\n".join(L) + "\n")
-    print("\n".join(L))
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(L) + "\n")
+    os.replace(tmp, out.with_suffix(".md"))
+    if final:
+        print("\n".join(L))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -424,6 +453,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def uptime() -> str:
+    """The ``uptime`` line (load of the shared machine), or n/a."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> None:
     import subprocess
 
@@ -441,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     info = {
         "commit": commit,
         "load_before": load_avg(),
+        "uptime_before": uptime(),
+        "host": f"{platform.node()} ({platform.platform()}, {platform.processor() or 'cpu'})",
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "device": str(device)
@@ -449,9 +490,17 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
     }
     rows: list[dict] = []
-    metas = [bench_model(mdl, args, device, rows) for mdl in args.models]
+    metas: list[dict] = []
+    out = Path(args.out)
+
+    def flush() -> None:
+        write(rows, metas, info, out, args, final=False)
+
+    for mdl in args.models:
+        bench_model(mdl, args, device, rows, metas, flush)
     info["load_after"] = load_avg()
-    write(rows, metas, info, Path(args.out), args)
+    info["uptime_after"] = uptime()
+    write(rows, metas, info, out, args)
 
 
 if __name__ == "__main__":

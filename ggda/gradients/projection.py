@@ -322,8 +322,8 @@ class KroneckerProjector:
         else:
             left = f.g @ pr
             if f.weight is not None:
-                in_f = f.a.shape[-1]
-                right = f.a @ pc[:in_f]
+                in_f = f.a_width
+                right = f.a_times(pc[:in_f])
                 if f.bias is not None:
                     right = right + pc[in_f]
             else:

@@ -133,3 +133,24 @@ def test_grad_kmeans_kronecker_features():
     p_in = random_matrix(10, d_in, 6, "rademacher", dtype=torch.float64)
     assert f.shape == (20, d_out * d_in)
     assert torch.allclose(f, full @ torch.kron(p_out, p_in), atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_conv_a_times_equals_unfolded_patches(stride, padding, dilation):
+    """LayerFactors.a_times (conv as r filters) equals unfold(x) @ mat, for two uses."""
+    from ggda.gradients.layers import LayerFactors
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation).double()
+    uses = []
+    for _ in range(2):  # a layer applied twice in the forward pass
+        x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+        gout = torch.randn_like(conv(x))
+        uses.append((x, gout))
+    g = torch.cat([go.flatten(2).transpose(1, 2) for _, go in uses], 1)
+    f = LayerFactors("c", conv, "conv2d", None, g, "c.weight", "c.bias", conv_uses=uses)
+    mat = torch.randn(f.a_width, 7, dtype=torch.float64)
+    fast = f.a_times(mat)
+    ref = f.a @ mat  # forms the unfolded patches
+    assert fast.shape == ref.shape == (5, g.shape[1], 7)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
