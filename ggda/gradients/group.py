@@ -67,6 +67,7 @@ def select_params(model: nn.Module, last_layer: bool = False) -> dict[str, torch
 
 
 def num_params(params: dict[str, torch.Tensor]) -> int:
+    """Total number of scalar entries p of the selected parameters."""
     return sum(v.numel() for v in params.values())
 
 

@@ -143,14 +143,20 @@ def per_sample_inner_products(
     dotted with the query gradients. Parameters without a layer rule use vmap gradients.
 
     Args:
-        x, y: (n, ...) and (n,) training side; fn its per-example function (B, C),(B,) -> (B,).
-        qx, qy: (m, ...) and (m,) query side; qfn its per-example function.
+        model: the net (eval mode) whose parameters are differentiated.
+        x: (n, ...) training inputs.
+        y: (n,) training labels.
+        fn: the training side's per-example function (B, C), (B,) -> (B,).
+        qx: (m, ...) query inputs.
+        qy: (m,) query labels.
+        qfn: the query side's per-example function.
         params: parameters differentiated (default: all trainable).
         chunk: training points per batched pass (also bounded by the factors' memory).
-        group_ids, k: optional (n,) grouping into k groups; then the rows are summed per
+        group_ids: optional (n,) group of each training point, in [0, k); then rows are summed per
             group, giving <grad sum_{i in G_j} fn(z_i), grad qfn(q_r)> (k, m). The cost is
             about one forward/backward over the training data plus k m p (nothing k x p
             or n x p is formed at once).
+        k: the number of groups (with ``group_ids``).
 
     Returns:
         (n, m), or (k, m) with a grouping, on the params' device.

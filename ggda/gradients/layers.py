@@ -186,8 +186,9 @@ class _Conv2d:
 
 
 def _unfold(mod: nn.Conv2d, inp: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, C_in, H, W) -> (N, L, C_in kh kw) patches, channel-major columns (the order of
-    ``weight.reshape(C_out, -1)``).
+    """Unfold conv inputs (N, C_in, H, W) into patches (N, L, C_in kh kw).
+
+    Columns are channel-major: the order of ``weight.reshape(C_out, -1)``.
     """
     patches = F.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
     return patches.transpose(1, 2).reshape(n, -1, patches.shape[1])
@@ -370,7 +371,8 @@ def capture_factors(
         model: the net (eval mode); ``params`` must be its own parameters (detached views
             as :func:`ggda.gradients.select_params` returns them).
         params: the selected parameters by qualified name.
-        x: (N, ...) inputs on the model's device; y: (N,) labels.
+        x: (N, ...) inputs on the model's device.
+        y: (N,) labels.
         fn: per-example scalar function ``(logits (N, C), y (N,)) -> (N,)``.
     """
     layers, rest = supported_layers(model, params)

@@ -158,6 +158,7 @@ class KronBlock:
 
     @property
     def dim(self) -> int:
+        """Projected dimension of the block, d_rows * d_cols."""
         return self.d_rows * self.d_cols
 
 
@@ -260,6 +261,11 @@ class KroneckerProjector:
 
     # -- the random matrices (generated once per device/dtype, each small) -----------------
     def mats(self, i: int, device, dtype) -> tuple[torch.Tensor, ...]:
+        """The random matrices of block i on ``device``/``dtype`` (generated once, cached).
+
+        A Kronecker block gives (P_rows (rows, d_rows), P_cols (cols, d_cols)); a dense
+        block gives (P (size, dim),).
+        """
         key = (i, torch.device(device), dtype)
         if key not in self._cache:
             b = self.blocks[i]
@@ -332,6 +338,7 @@ class KroneckerProjector:
         return torch.bmm(lp.transpose(1, 2), rp).reshape(c, -1)
 
     def project_dense(self, i: int, flat: torch.Tensor) -> torch.Tensor:
+        """Project block i's flat gradients (B, p_i) with its dense matrix: (B, d_i)."""
         return flat @ self.mats(i, flat.device, flat.dtype)[0]
 
 
@@ -343,7 +350,9 @@ def make_projector(
     seed: int = 0,
     kind: str = "rademacher",
 ):
-    """``dense``: :class:`RandomProjector` over the flat gradient; ``kronecker``:
+    """Build the projector of ``structure`` for ``params``.
+
+    ``dense``: :class:`RandomProjector` over the flat gradient; ``kronecker``:
     :class:`KroneckerProjector` per layer.
     """
     check_choice("method.proj_structure", structure, PROJ_STRUCTURES)
