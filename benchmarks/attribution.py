@@ -11,8 +11,8 @@ scoring), with one training epoch as the unit and the peak memory of each run. I
 times the bare group-gradient pass per checkpoint (no scoring) for each backend and k,
 and ggda's factorised per-sample TracIn (``per_sample_inner_products``).
 
-Writes ``<out>.csv`` (one row per run and stage) and ``<out>.md`` (ratios and the targets
-of issue 8, each marked met or missed and by how much).
+Writes ``<out>.csv`` (one row per run and stage) and ``<out>.md`` (ratios and the
+targets, each marked met or missed and by how much).
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ def write(rows: list[dict], meta: dict, out: Path, args: argparse.Namespace) -> 
         )
 
     # targets
-    L += ["", "## Targets (issue 8)", ""]
+    L += ["", "## Targets", ""]
     best_b = "factored" if "factored" in args.backends else base_b
     k100 = max(1, n // 100)
     for m, need in (("tracin", 50), ("trak", 50), ("influence", 10)):
