@@ -41,7 +41,6 @@ _UP = {"idle", "mixed", "allocated", "completing"}
 
 
 def pytest_collection_modifyitems(config, items):
-    _mark_known(items)
     if any("slurm" in item.keywords for item in items) and (why := _slurm_missing()):
         for item in items:
             if "slurm" in item.keywords:
@@ -52,22 +51,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-# Regressions found when eight branches were merged at once, not fixed yet: listed, each
-# reported as xfail (not run) so that nothing hides them; fixing one means deleting its line.
-_KNOWN = {
-    line.strip()
-    for line in (Path(__file__).parent / "known_failures.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
-}
-
-
-def _mark_known(items):
-    for item in items:
-        if item.nodeid in _KNOWN:
-            item.add_marker(
-                pytest.mark.xfail(
-                    run=False, reason="known merge regression (tests/known_failures.txt)"
-                )
-            )
