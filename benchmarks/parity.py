@@ -93,16 +93,20 @@ MODELS = {
 }
 
 
-def methods(model: str, ensemble_sizes: list[int], cg_iters: int) -> dict[str, object]:
+def methods(
+    model: str, ensemble_sizes: list[int], cg_iters: int, damping: float = 1e-3
+) -> dict[str, object]:
     """Method name -> attributor, dattri-like settings (IF on every parameter for LR)."""
     out: dict[str, object] = {
         "IF (CG)": InfluenceFunction(
-            solver="cg", damping=0.001, iterations=cg_iters, last_layer=(model != "lr")
+            solver="cg", damping=damping, iterations=cg_iters, last_layer=(model != "lr")
         ),
         "TracIn": TracIn(checkpoints="all"),
     }
     if model == "lr":  # dattri also reports the explicit Hessian inverse (~0.80) for LR
-        out["IF (explicit)"] = InfluenceFunction(solver="explicit", damping=0.001, last_layer=False)
+        out["IF (explicit)"] = InfluenceFunction(
+            solver="explicit", damping=damping, last_layer=False
+        )
     for e in ensemble_sizes:
         out[f"TRAK-{e}"] = TRAK(proj_dim=512, kernel="points", ensemble_size=e)
     return out
@@ -194,7 +198,7 @@ def run_model(model: str, args, bundle, prop, rows: list[dict], write) -> None:
         loo = GroupLOO(max_retrains=k + 1).attribute(task)
         loo_truth[k] = loo.scores
         print(f"[{model}] group LOO k={k} done", flush=True)
-    for name, method in methods(model, sizes, args.cg_iters).items():
+    for name, method in methods(model, sizes, args.cg_iters, args.if_damping).items():
         if name.startswith("TRAK"):
             ensemble(method.ensemble_size - 1)  # train members outside the timing
         per = {}
@@ -286,6 +290,9 @@ def main() -> None:
     ap.add_argument("--ensembles", type=int, nargs="+", default=[10, 50], help="TRAK sizes")
     ap.add_argument(
         "--mlp-ensembles", type=int, nargs="+", default=[50], help="TRAK sizes for the MLP"
+    )
+    ap.add_argument(
+        "--if-damping", type=float, default=1e-3, help="IF damping on the mean-loss Hessian"
     )
     ap.add_argument("--cg-iters", type=int, default=100, help="IF conjugate-gradient steps")
     ap.add_argument("--loo-ks", type=int, nargs="+", default=[20, 50])
