@@ -72,3 +72,19 @@ def test_projection_is_linear_and_seeded():
     lazy = RandomProjector(p, 16, seed=1, block=7, cache_elems=0)
     assert torch.allclose(lazy(g), gp, atol=1e-10)
     assert not torch.allclose(RandomProjector(p, 16, seed=2)(g), gp)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_matrix_drawn_in_parallel_equals_blocks_drawn_in_turn(kind, monkeypatch):
+    # matrix() draws its blocks on threads; each block has its own seeded generator, so the
+    # result must equal the blocks drawn one after another (as the lazy path draws them).
+    proj = RandomProjector(1000, 9, seed=4, kind=kind, block=64)
+    blocks = [
+        proj._block(i, min(64, 1000 - s), "cpu", torch.float32)
+        for i, s in enumerate(range(0, 1000, 64))
+    ]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # 4 drawing threads
+    assert torch.equal(proj.matrix(), torch.cat(blocks))
+    assert torch.equal(proj.matrix(dtype=torch.float64), torch.cat(blocks).double())
+    if kind == "rademacher":
+        assert set(proj.matrix().mul(3).round().unique().tolist()) == {-1.0, 1.0}
