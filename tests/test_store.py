@@ -223,3 +223,19 @@ def _as_nobody(fn, root):
     out = q.get(timeout=60)
     p.join(30)
     return out
+
+
+def test_resuming_a_store_keeps_its_epoch_times(tmp_path):
+    # epoch_seconds.json is not a checkpoint, but it is no stray either: time/epoch of
+    # every later run that reuses the model reads it.
+    from ggda.lightning.callbacks.checkpoint import median_epoch_seconds, record_epoch_seconds
+
+    s = _store(tmp_path)
+    for e in (1, 2, 3):
+        s.save(FakeTrainer(e), e, lr=0.1)
+        record_epoch_seconds(s.dir, e, 0.5 * e)
+    s.mark_complete()
+    (s.dir / "stray.tmp").write_text("left by a kill")
+    assert s.resume_path() == s.dir / "epoch_003.ckpt"
+    assert not (s.dir / "stray.tmp").exists()
+    assert median_epoch_seconds(s.dir) == 1.0

@@ -35,6 +35,9 @@ from ggda.models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
+# Training wall seconds per epoch, kept beside the checkpoints (``time/epoch`` reads it).
+EPOCH_TIMES = "epoch_seconds.json"
+
 
 class ModelStore:
     """Checkpoints of one base model.
@@ -150,7 +153,7 @@ class ModelStore:
 
     def _remove_strays(self, man: dict) -> None:
         """Delete files the manifest does not name (left by a kill mid-save). Under the lock."""
-        keep = {".lock", "manifest.json", *man.get("files", {})}
+        keep = {".lock", "manifest.json", EPOCH_TIMES, *man.get("files", {})}
         for p in self.dir.glob("*"):
             if p.name not in keep and p.is_file():
                 p.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 from ggda.faults import maybe_fail
 from ggda.io import atomic_write_json
 from ggda.lightning.callbacks.base import GGDACallback, RunContext
-from ggda.models.store import ModelStore
+from ggda.models.store import EPOCH_TIMES, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,6 @@ class EpochCheckpoint(GGDACallback):
         if trainer.current_epoch >= (trainer.max_epochs or 0):
             self._store().mark_complete()
         self._store().unlock()
-
-
-EPOCH_TIMES = "epoch_seconds.json"
 
 
 def record_epoch_seconds(store_dir: Path, epoch: int, seconds: float) -> None:
