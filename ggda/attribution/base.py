@@ -130,8 +130,12 @@ def check_finite_scores(result: AttributionResult, method: str) -> None:
 class Attributor:
     """A data-attribution method in group form.
 
-    Subclasses implement :meth:`attribute`; they differ only in preconditioning and in
-    which checkpoints they use, and share :mod:`ggda.gradients`.
+    Subclasses implement :meth:`attribute` (and :meth:`self_attribute`). Gradient methods
+    (TracIn, TRAK, influence functions) subclass
+    :class:`ggda.attribution.loop.GradientAttributor`, which runs the shared
+    checkpoint / projector / query / train-stream loop and leaves them only its hooks
+    (preconditioning, checkpoint weights, which checkpoints); retraining methods
+    (:mod:`ggda.attribution.loo`) implement :meth:`attribute` directly.
     """
 
     name = "base"

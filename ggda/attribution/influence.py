@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from ggda.attribution.base import AttributionResult, AttributionTask, Attributor
+from ggda.attribution.base import AttributionResult, AttributionTask, Checkpoint
 from ggda.attribution.hessian import SOLVERS, InverseHVP, TrainingHessian
 from ggda.attribution.kfac import DAMPING_MODES, FISHERS, FactorFitter, KroneckerFactors
-from ggda.attribution.properties import no_graph, query_gradients
+from ggda.attribution.loop import GradientAttributor, Step
 from ggda.errors import GGDAError, check_choice, check_float, check_int
-from ggda.gradients import BACKENDS, fallback_params, select_params
+from ggda.gradients import BACKENDS, fallback_params
 from ggda.io import load_or_none, save_artifact, stable_hash, tensor_hash
 from ggda.models.functional import per_example_loss
 
@@ -51,7 +51,7 @@ ALL_SOLVERS = (*SOLVERS, *KFAC_SOLVERS)
 FACTORS_VERSION = 1
 
 
-class InfluenceFunction(Attributor):
+class InfluenceFunction(GradientAttributor):
     """Group influence functions at the final checkpoint.
 
     Args:
@@ -123,19 +123,48 @@ class InfluenceFunction(Attributor):
         self.factor_chunk = check_int("method.factor_chunk", factor_chunk, 1)
         self.max_factor_dim = check_int("method.max_factor_dim", max_factor_dim, 1)
 
-    def _net(self, task: AttributionTask) -> tuple[torch.nn.Module, dict]:
-        if not task.checkpoints:
-            raise GGDAError("influence functions need the final checkpoint; none given")
-        net = task.net.to(task.device).eval()
-        net.load_state_dict(task.checkpoints[-1].state_dict)
-        return net, select_params(net, self.last_layer)
+    # -- hooks of the shared loop (A = n (H + lambda I) at the final checkpoint) -----------
+    @property
+    def kfac(self) -> bool:
+        """Whether the solver is the Kronecker-factored approximation (kfac / ekfac)."""
+        return self.solver in KFAC_SOLVERS
 
-    def _setup(self, task: AttributionTask) -> tuple[torch.nn.Module, dict, InverseHVP]:
-        net, params = self._net(task)
+    @property
+    def timing_keys(self) -> dict[str, str]:  # type: ignore[override]
+        """The factors (kfac/ekfac) or the Hessian operator's setup, then the usual phases."""
+        return {
+            "prepare": "factors" if self.kfac else "inverse_hvp",
+            "query": "query_gradients",
+            "precondition": "inverse_hvp",
+            "train": "group_gradients",
+        }
+
+    @property
+    def self_timing_keys(self) -> dict[str, str]:  # type: ignore[override]
+        """kfac/ekfac report the factors apart; everything else is ``self_attribution``."""
+        return {"prepare": "factors"} if self.kfac else {}
+
+    def pick(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+        """The final checkpoint theta*."""
+        if not checkpoints:
+            raise GGDAError("influence functions need the final checkpoint; none given")
+        return checkpoints[-1:]
+
+    def prepare(self, step: Step) -> InverseHVP | tuple[KroneckerFactors, bool]:
+        """The damped inverse-HVP operator, or the (EK-)FAC factors and whether cached."""
+        if self.kfac:
+            fac, _, cached = self.factors(step.task, step.net, step.params)
+            return fac, cached
+        task = step.task
         hess = TrainingHessian(
-            net, params, task.x_train, task.y_train, per_example_loss, chunk=self.hvp_chunk
+            step.net,
+            step.params,
+            task.x_train,
+            task.y_train,
+            per_example_loss,
+            chunk=self.hvp_chunk,
         )
-        ihvp = InverseHVP(
+        return InverseHVP(
             hess,
             self.solver,
             self.damping,
@@ -146,84 +175,48 @@ class InfluenceFunction(Attributor):
             self.seed,
             self.max_explicit_params,
         )
-        return net, params, ihvp
 
-    def _groups(self, net, params, task: AttributionTask):
-        return task.train_gradients(
-            net, params=params, backend=self.backend, max_points=self.max_points
-        )
+    def _inverse(self, step: Step, v: torch.Tensor) -> torch.Tensor:
+        """(H + lambda I)^{-1} v (or its K-FAC approximation) for rows v (r, p)."""
+        if self.kfac:
+            return self._precondition(step.state[0], v)
+        return step.state.solve(v)
+
+    def precondition(self, step: Step, qg: torch.Tensor) -> torch.Tensor:
+        """u_q = (1/n) (H + lambda I)^{-1} grad f_q: (r, p), m solves in all (never k)."""
+        return self._inverse(step, qg) / step.task.y_train.shape[0]
+
+    def self_train_scores(self, step: Step, g: torch.Tensor) -> torch.Tensor:
+        """(1/n) g_j^T (H + lambda I)^{-1} g_j: (c,), one solve per group of the chunk."""
+        n = step.task.y_train.shape[0]
+        u = self._inverse(step, g)
+        return (g * u.to(g)).sum(1) / n
+
+    def run_info(self, step: Step, models: int, count: int, self_mode: bool) -> dict:
+        """Parameters, HVPs and the solver's diagnostics (kfac: the factors' layout)."""
+        if self.kfac:
+            return self._kfac_info(*step.state)
+        ihvp = step.state
+        return {
+            "num_params": ihvp.h.p,
+            **({} if self_mode else {"num_hvps": ihvp.h.num_hvps}),
+            "fallback_params": fallback_params(step.net, step.params),
+            **ihvp.info,
+        }
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""
-        # no graph to the live module's non-selected parameters (see no_graph)
-        with no_graph(self.backend):
-            return self._attribute(task)
-
-    def _attribute(self, task: AttributionTask) -> AttributionResult:
-        if self.solver in KFAC_SOLVERS:
-            return self._kfac_attribute(task)
-        t0 = time.perf_counter()
-        net, params, ihvp = self._setup(task)
-        n = task.y_train.shape[0]
-        qg = query_gradients(
-            net, task.queries, params, backend=self.backend, max_points=self.max_points
-        )
-        t1 = time.perf_counter()
-        u = ihvp.solve(qg) / n  # (m, p): (1/n) (H + lambda I)^{-1} grad f_q
-        t2 = time.perf_counter()
-        scores = u.new_zeros(task.grouping.k, task.queries.m)
-        for groups, g in self._groups(net, params, task):
-            scores[groups.to(u.device)] = -(g.detach().to(u) @ u.T)
-        t3 = time.perf_counter()
-        return AttributionResult(
-            scores=scores,
-            timings={
-                "query_gradients": t1 - t0,
-                "inverse_hvp": t2 - t1,
-                "group_gradients": t3 - t2,
-            },
-            info={
-                "num_params": ihvp.h.p,
-                "num_hvps": ihvp.h.num_hvps,
-                "fallback_params": fallback_params(net, params),
-                **ihvp.info,
-            },
-        )
+        return super().attribute(task)
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
         """tau_jj = (1/n) grad L_{G_j}^T (H + lambda I)^{-1} grad L_{G_j}: scores (k, 1).
 
         The group's own property is -L_{G_j}; its gradient is -grad L_{G_j}, so the
         influence of G_j on it is (1/n) <-g_j, (H + lambda I)^{-1} (-g_j)>. One solve per
-        group (unavoidable: each group is its own query); the explicit solver factorises once.
+        group (unavoidable: each group is its own query); the explicit solver factorises
+        once, kfac/ekfac precondition layer by layer.
         """
-        with no_graph(self.backend):
-            return self._self_attribute(task)
-
-    def _self_attribute(self, task: AttributionTask) -> AttributionResult:
-        if self.solver in KFAC_SOLVERS:
-            return self._kfac_self_attribute(task)
-        t0 = time.perf_counter()
-        net, params, ihvp = self._setup(task)
-        n = task.y_train.shape[0]
-        scores: torch.Tensor | None = None
-        for groups, g in self._groups(net, params, task):
-            if scores is None:
-                scores = g.new_zeros(task.grouping.k, 1)
-            g = g.detach()
-            u = ihvp.solve(g)
-            scores[groups.to(g.device), 0] = (g * u.to(g)).sum(1) / n
-        if scores is None:
-            raise GGDAError("no groups to score")
-        return AttributionResult(
-            scores=scores,
-            timings={"self_attribution": time.perf_counter() - t0},
-            info={
-                "num_params": ihvp.h.p,
-                "fallback_params": fallback_params(net, params),
-                **ihvp.info,
-            },
-        )
+        return super().self_attribute(task)
 
     # -- K-FAC / EK-FAC ---------------------------------------------------------------------
     def factor_meta(self, task: AttributionTask, params: dict) -> dict:
@@ -286,48 +279,3 @@ class InfluenceFunction(Attributor):
 
     def _precondition(self, fac: KroneckerFactors, v: torch.Tensor) -> torch.Tensor:
         return fac.precondition(v, self.damping, self.damping_mode, self.solver == "ekfac")
-
-    def _kfac_attribute(self, task: AttributionTask) -> AttributionResult:
-        net, params = self._net(task)
-        n = task.y_train.shape[0]
-        fac, t_fac, cached = self.factors(task, net, params)
-        t0 = time.perf_counter()
-        qg = query_gradients(
-            net, task.queries, params, backend=self.backend, max_points=self.max_points
-        )
-        t1 = time.perf_counter()
-        u = self._precondition(fac, qg) / n  # (m, p): (1/n) (G~ + lambda I)^{-1} grad f_q
-        t2 = time.perf_counter()
-        scores = u.new_zeros(task.grouping.k, task.queries.m)
-        for groups, g in self._groups(net, params, task):
-            scores[groups.to(u.device)] = -(g.to(u) @ u.T)
-        t3 = time.perf_counter()
-        return AttributionResult(
-            scores=scores,
-            timings={
-                "factors": t_fac,
-                "query_gradients": t1 - t0,
-                "inverse_hvp": t2 - t1,
-                "group_gradients": t3 - t2,
-            },
-            info=self._kfac_info(fac, cached),
-        )
-
-    def _kfac_self_attribute(self, task: AttributionTask) -> AttributionResult:
-        net, params = self._net(task)
-        n = task.y_train.shape[0]
-        fac, t_fac, cached = self.factors(task, net, params)
-        t0 = time.perf_counter()
-        scores: torch.Tensor | None = None
-        for groups, g in self._groups(net, params, task):
-            if scores is None:
-                scores = g.new_zeros(task.grouping.k, 1)
-            u = self._precondition(fac, g)
-            scores[groups.to(g.device), 0] = (g * u).sum(1) / n
-        if scores is None:
-            raise GGDAError("no groups to score")
-        return AttributionResult(
-            scores=scores,
-            timings={"factors": t_fac, "self_attribution": time.perf_counter() - t0},
-            info=self._kfac_info(fac, cached),
-        )

@@ -13,7 +13,8 @@ logits on a set of evaluation examples,
 
 given in config as a ``_target_`` node with ``_partial_: true`` (extra keys become keyword
 arguments) or as a dotted path. Its rows need not be sums over examples; their gradients
-come from one reverse-mode Jacobian over the N examples (:func:`query_gradients`), and
+come from one reverse-mode Jacobian over the N examples
+(:func:`ggda.attribution.loop.query_gradients`), and
 retraining evaluations read their values from the logits (:meth:`FunctionProperty.values`).
 
 Every property object offers ``split``, ``name``, ``measurement``, ``point_indices(bundle)``,
@@ -22,7 +23,6 @@ Every property object offers ``split``, ``name``, ``measurement``, ``point_indic
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import weakref
@@ -31,12 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.func import functional_call, jacrev
 
 from ggda.data.base import DataBundle
 from ggda.errors import ConfigError, GGDAError, check_choice
-from ggda.gradients import group_gradients
 from ggda.models.functional import MEASUREMENTS, measurement_fn
 
 RowFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -340,54 +337,3 @@ def mean_true_class_probability(
         sel = y == c
         rows.append(p[sel].mean() if bool(sel.any()) else p.sum() * 0)
     return torch.stack(rows)
-
-
-def no_graph(backend: str) -> contextlib.AbstractContextManager:
-    """``torch.no_grad()`` for the torch.func (``vmap``) path, a no-op for ``loop``.
-
-    torch.func transforms ignore an outer no_grad, which then only stops autograd from
-    recording a graph to the live module's non-differentiated parameters (last-layer
-    mode); the ``loop`` reference path needs autograd itself and detaches its results.
-    """
-    return torch.no_grad() if backend != "loop" else contextlib.nullcontext()
-
-
-def query_gradients(
-    net: nn.Module,
-    q: PropertyExamples,
-    params: dict[str, torch.Tensor],
-    projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    **kw: Any,
-) -> torch.Tensor:
-    """Gradients of the property rows, (m, d), d = p or the projection size.
-
-    Row r is grad_theta of row r's value: weight_r * sum_{i in S_r} grad f(z_i) through the
-    shared group-gradient primitive for measurement properties, or one reverse-mode
-    Jacobian of ``q.fn`` over all examples for user functions.
-
-    Args:
-        net: the model (eval mode), weights loaded.
-        q: the property's examples.
-        params: parameters to differentiate (``select_params``).
-        projector: optional (r, p) -> (r, d) map.
-        **kw: forwarded to :func:`ggda.gradients.group_gradients`
-            (``backend``, ``max_points``).
-    """
-    if q.fn is None:
-        f = measurement_fn(q.measurement)
-        g = group_gradients(
-            net, q.x, q.y, q.row_ids, q.m, f, params=params, projector=projector, **kw
-        )
-        return g * q.weight.to(g)[:, None]
-    device = next(iter(params.values())).device
-    buffers = {k: v.detach() for k, v in net.named_buffers()}
-    x = q.x.to(device)
-    y = q.y.to(device)
-    fn = q.fn
-
-    def rows(prm: dict[str, torch.Tensor]) -> torch.Tensor:
-        return fn(functional_call(net, (prm, buffers), (x,)), y).reshape(-1)
-
-    jac = jacrev(rows)({k: v.detach() for k, v in params.items()})
-    flat = torch.cat([jac[k].reshape(q.m, -1) for k in params], dim=1)
-    return (projector(flat) if projector is not None else flat).detach()

@@ -10,45 +10,25 @@ M^T times the per-sample scores, because the group gradient is the sum of member
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
-from ggda.attribution.properties import query_gradients
-from ggda.errors import ConfigError, GGDAError, check_choice, check_int
+from ggda.attribution.base import AttributionResult, AttributionTask
+from ggda.attribution.loop import GradientAttributor, Step, pick_checkpoints
+from ggda.errors import check_choice, check_int
 from ggda.gradients import (
     BACKENDS,
     PROJ_STRUCTURES,
     PROJ_TYPES,
     fallback_params,
-    make_projector,
     num_params,
     per_sample_inner_products,
-    select_params,
 )
 from ggda.models.functional import measurement_fn, per_example_loss
 
-
-def pick_checkpoints(checkpoints: list[Checkpoint], which: str | list[int]) -> list[Checkpoint]:
-    """``all``, ``last``, or a list of saved epochs."""
-    if which == "all":
-        return checkpoints
-    if which == "last":
-        return checkpoints[-1:]
-    saved = {c.epoch: c for c in checkpoints}
-    missing = [e for e in which if e not in saved]
-    if missing:
-        raise ConfigError(
-            "method.checkpoints",
-            which,
-            f"`all`, `last` or a subset of the saved epochs {sorted(saved)}",
-            "Save more epochs with `model.save_epochs`.",
-        )
-    return [saved[e] for e in which]
+__all__ = ["TracIn", "pick_checkpoints"]
 
 
-class TracIn(Attributor):
+class TracIn(GradientAttributor):
     """Group TracInCP over saved checkpoints.
 
     Args:
@@ -96,7 +76,7 @@ class TracIn(Attributor):
         self.proj_structure = check_choice("method.proj_structure", proj_structure, PROJ_STRUCTURES)
         self.query_batch = check_int("method.query_batch", query_batch, 1)
 
-    def _ghost(self, net, params, q) -> bool:
+    def _ghost(self, q) -> bool:
         """Whether to use factorised inner products.
 
         True for backend ``factored`` with no projection and a measurement property
@@ -104,117 +84,62 @@ class TracIn(Attributor):
         """
         return self.backend == "factored" and self.proj_dim is None and q.fn is None
 
-    def _projector(self, net, params: dict[str, torch.Tensor]):
-        if not self.proj_dim:
-            return None
-        return make_projector(
-            self.proj_structure, net, params, self.proj_dim, self.proj_seed, self.proj_type
-        )
+    # -- hooks of the shared loop (A = I, w_t = eta_t) ------------------------------------
+    def checkpoint_weight(self, step: Step) -> float:
+        """w_t = eta_t, the learning rate of the checkpoint's epoch."""
+        return step.checkpoint.lr
 
-    def _row_batches(self, q, p: int) -> list[tuple[int, int]]:
+    def query_batches(self, step: Step) -> list[tuple[int, int]]:
         """Property-row ranges whose unprojected (rows, p) gradients are held at once."""
+        q = step.task.queries
+        p = num_params(step.params)
         if self.proj_dim or q.m * p <= 64_000_000:
             return [(0, q.m)]
-        step = max(1, min(self.query_batch, 64_000_000 // max(p, 1)))
-        return [(s, min(q.m, s + step)) for s in range(0, q.m, step)]
+        step_rows = max(1, min(self.query_batch, 64_000_000 // max(p, 1)))
+        return [(s, min(q.m, s + step_rows)) for s in range(0, q.m, step_rows)]
 
-    def _train_grads(self, task: AttributionTask, net, params, proj):
-        return task.train_gradients(
-            net, params=params, projector=proj, backend=self.backend, max_points=self.max_points
-        )
+    def fused_scores(self, step: Step) -> torch.Tensor | None:
+        """-eta_t <grad f_q, grad L_{G_j}> (k, m) by factorised inner products, or None.
+
+        Per layer <grad f_q, grad l_i> = (g.g')(a.a') (or the cheaper materialised form):
+        no gradient is materialised and the cost is one pass over the data whatever k is.
+        """
+        task, q = step.task, step.task.queries
+        if not self._ghost(q):
+            return None
+        ip = per_sample_inner_products(
+            step.net,
+            task.x_train,
+            task.y_train,
+            per_example_loss,
+            q.x,
+            q.y,
+            measurement_fn(q.measurement),
+            params=step.params,
+            group_ids=task.grouping.group_ids,
+            k=task.grouping.k,
+        ).detach()  # (k, N_q)
+        rows = torch.zeros(q.x.shape[0], q.m, dtype=ip.dtype, device=ip.device)
+        rows[torch.arange(q.x.shape[0]), q.row_ids.to(ip.device)] = 1.0
+        return -(self.checkpoint_weight(step) * (ip @ (rows * q.weight.to(ip)[None, :])))
+
+    def run_info(self, step: Step, models: int, count: int, self_mode: bool) -> dict:
+        """Checkpoints summed, vmap-fallback parameters, the projection size used."""
+        info = {
+            "num_checkpoints": count,
+            "fallback_params": fallback_params(step.net, step.params),
+        }
+        if not self_mode and step.projector is not None:
+            info["proj_dim_used"] = step.projector.d
+        return info
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m) for the task's grouping and property rows."""
-        net = task.net.to(task.device).eval()
-        k = task.grouping.k
-        q = task.queries
-        scores: torch.Tensor | None = None
-        proj = None
-        t_train = t_query = 0.0
-        for ck in pick_checkpoints(task.checkpoints, self.checkpoints):
-            net.load_state_dict(ck.state_dict)
-            params = select_params(net, self.last_layer)
-            proj = proj or self._projector(net, params)  # one P for all checkpoints
-            t0 = time.perf_counter()
-            if scores is None:
-                scores = torch.zeros(
-                    k, q.m, dtype=next(iter(params.values())).dtype, device=task.device
-                )
-            if self._ghost(net, params, q):
-                # <grad f_q, grad l_i> per layer as (g.g')(a.a'): no gradient is materialised
-                # and the cost is one pass over the data whatever k is.
-                ip = per_sample_inner_products(
-                    net,
-                    task.x_train,
-                    task.y_train,
-                    per_example_loss,
-                    q.x,
-                    q.y,
-                    measurement_fn(q.measurement),
-                    params=params,
-                    group_ids=task.grouping.group_ids,
-                    k=k,
-                ).detach()  # (k, N_q)
-                rows = torch.zeros(q.x.shape[0], q.m, dtype=ip.dtype, device=ip.device)
-                rows[torch.arange(q.x.shape[0]), q.row_ids.to(ip.device)] = 1.0
-                scores -= ck.lr * (ip @ (rows * q.weight.to(ip)[None, :]))
-                t1 = t0
-            else:
-                # grad of each property row (measurement sums/means or a user function),
-                # in row batches when m x p would be large (one data pass per batch)
-                spent = 0.0  # query-side time, the rest is the training pass
-                for r0, r1 in self._row_batches(q, num_params(params)):
-                    tq = time.perf_counter()
-                    qg = query_gradients(
-                        net,
-                        q.rows(r0, r1),
-                        params,
-                        proj,
-                        backend=self.backend,
-                        max_points=self.max_points,
-                    ).detach()  # detach: with last_layer the frozen body still requires grad
-                    spent += time.perf_counter() - tq
-                    for groups, g in self._train_grads(task, net, params, proj):
-                        scores[groups.to(scores.device), r0:r1] -= ck.lr * (g @ qg.T)
-                t1 = t0 + spent
-            t_query += t1 - t0
-            t_train += time.perf_counter() - t1
-        if scores is None:
-            raise GGDAError("TracIn needs at least one checkpoint")
-        return AttributionResult(
-            scores=scores,
-            timings={"query_gradients": t_query, "group_gradients": t_train},
-            info={
-                "num_checkpoints": len(pick_checkpoints(task.checkpoints, self.checkpoints)),
-                "fallback_params": fallback_params(net, params),
-                **({"proj_dim_used": proj.d} if proj is not None else {}),
-            },
-        )
+        return super().attribute(task)
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
         """tau_jj = sum_t eta_t ||grad L_{G_j}(theta_t)||^2 (f = -loss on the group itself).
 
         Returns scores (k, 1). With a projection, the norm is of the projected gradient.
         """
-        net = task.net.to(task.device).eval()
-        k = task.grouping.k
-        scores: torch.Tensor | None = None
-        proj = None
-        t0 = time.perf_counter()
-        cks = pick_checkpoints(task.checkpoints, self.checkpoints)
-        for ck in cks:
-            net.load_state_dict(ck.state_dict)
-            params = select_params(net, self.last_layer)
-            proj = proj or self._projector(net, params)  # one P for all checkpoints
-            for groups, g in self._train_grads(task, net, params, proj):
-                if scores is None:
-                    scores = g.new_zeros(k, 1)
-                # <grad(-L_G), -grad L_G> = ||grad L_G||^2
-                scores[groups.to(g.device), 0] += ck.lr * (g * g).sum(1)
-        if scores is None:
-            raise GGDAError("TracIn needs at least one checkpoint")
-        return AttributionResult(
-            scores=scores,
-            timings={"self_attribution": time.perf_counter() - t0},
-            info={"num_checkpoints": len(cks), "fallback_params": fallback_params(net, params)},
-        )
+        return super().self_attribute(task)

@@ -27,23 +27,13 @@ singleton groups (k = n) take that one-pass path whatever the kernel setting.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
-from torch import nn
 
-from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
-from ggda.attribution.properties import no_graph, query_gradients
-from ggda.attribution.tracin import pick_checkpoints
-from ggda.errors import GGDAError, check_choice, check_float, check_int
-from ggda.gradients import (
-    BACKENDS,
-    PROJ_STRUCTURES,
-    PROJ_TYPES,
-    fallback_params,
-    make_projector,
-    select_params,
-)
+from ggda.attribution.base import AttributionResult, AttributionTask, Checkpoint
+from ggda.attribution.loop import GradientAttributor, Step
+from ggda.errors import check_choice, check_float, check_int
+from ggda.gradients import BACKENDS, PROJ_STRUCTURES, PROJ_TYPES, fallback_params
 from ggda.models.functional import margin, per_example_loss
 
 log = logging.getLogger(__name__)
@@ -86,7 +76,7 @@ def damped_inverse_apply(kernel: torch.Tensor, rhs: torch.Tensor, damping: float
     return out.to(rhs.dtype)
 
 
-class TRAK(Attributor):
+class TRAK(GradientAttributor):
     """Group TRAK with a points or groups kernel, averaged over an ensemble.
 
     Args:
@@ -108,6 +98,13 @@ class TRAK(Attributor):
     """
 
     name = "trak"
+    # the solve and the (k, d) x (d, m) product are both the kernel step
+    timing_keys = {
+        "prepare": "features",
+        "query": "query_gradients",
+        "precondition": "kernel_solve",
+        "train": "kernel_solve",
+    }
 
     def __init__(
         self,
@@ -155,34 +152,27 @@ class TRAK(Attributor):
                 models += task.ensemble(extra)
         return models
 
-    def _iter(self, net: nn.Module, task: AttributionTask, group_ids, k, fn, params, proj):
-        return task.train_gradients(
-            net,
-            fn,
-            group_ids=group_ids,
-            k=k,
-            params=params,
-            projector=proj,
-            backend=self.backend,
-            max_points=self.max_points,
-        )
+    def features(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel K (d, d) and group numerators num (k, d) at one checkpoint.
 
-    def features(
-        self, net: nn.Module, task: AttributionTask, params: dict, proj
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel K (d, d) and group numerators num (k, d) for one checkpoint."""
+        ``points``: K = sum_i phi_i phi_i^T and num_j = sum_{i in G_j} (1 - p_i) phi_i from
+        one stream of per-sample margin features; ``groups``: K = sum_j phi_{G_j}
+        phi_{G_j}^T / |G_j| from the group margin features, num_j = -P^T grad L_{G_j} from
+        a second stream of group loss gradients.
+        """
+        net, task = step.net, step.task
         k = task.grouping.k
         gid = task.grouping.group_ids
-        d = proj.d
-        dtype = next(iter(params.values())).dtype
-        device = next(iter(params.values())).device
+        d = step.projector.d
+        dtype = next(iter(step.params.values())).dtype
+        device = next(iter(step.params.values())).device
         kern = torch.zeros(d, d, dtype=dtype, device=device)
         num = torch.zeros(k, d, dtype=dtype, device=device)
         n = task.y_train.shape[0]
         # With singleton groups the group kernel *is* the points kernel, and the points
         # path needs one gradient pass instead of two (margin and loss).
         if self.kernel == "points" or k == n:
-            for idx, phi in self._iter(net, task, torch.arange(n), n, margin, params, proj):
+            for idx, phi in step.gradients(margin, torch.arange(n), n):
                 phi = phi.detach()
                 kern += phi.T @ phi
                 logits = net(task.x_train[idx].to(device))
@@ -190,86 +180,49 @@ class TRAK(Attributor):
                 num.index_add_(0, gid[idx].to(device), q.detach().to(phi)[:, None] * phi)
         else:
             sizes = task.grouping.sizes().to(device=device, dtype=dtype)
-            for groups, phi in self._iter(net, task, gid, k, margin, params, proj):
+            for groups, phi in step.gradients(margin, gid, k):
                 phi = phi.detach()
                 kern += phi.T @ (phi / sizes[groups.to(device)][:, None])
-            for groups, g in self._iter(net, task, gid, k, per_example_loss, params, proj):
+            for groups, g in step.gradients(per_example_loss, gid, k):
                 num[groups.to(device)] = -g.detach()
         return kern, num
 
-    def _run(self, task: AttributionTask, self_scores: bool) -> AttributionResult:
-        # no graph to the live module's non-selected parameters (see no_graph)
-        with no_graph(self.backend):
-            return self._run_no_grad(task, self_scores)
+    # -- hooks of the shared loop (A = K + lambda I, mean over the checkpoints) -----------
+    def prepare(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checkpoint's kernel K (d, d) and group numerators num (k, d)."""
+        return self.features(step)
 
-    def _run_no_grad(self, task: AttributionTask, self_scores: bool) -> AttributionResult:
-        net = task.net.to(task.device).eval()
-        k, m = task.grouping.k, task.queries.m
-        total: torch.Tensor | None = None
-        count = 0
-        t_feat = t_query = t_solve = 0.0
-        models = self.models(task)
-        for e, cks in enumerate(models):
-            proj = None  # one projection per model: its checkpoints share it (and its cache)
-            for ck in pick_checkpoints(cks, self.checkpoints):
-                net.load_state_dict(ck.state_dict)
-                params = select_params(net, self.last_layer)
-                if proj is None:
-                    proj = make_projector(
-                        self.proj_structure,
-                        net,
-                        params,
-                        self.proj_dim,
-                        self.proj_seed + e,
-                        self.proj_type,
-                    )
-                t0 = time.perf_counter()
-                kern, num = self.features(net, task, params, proj)
-                t1 = time.perf_counter()
-                if self_scores:
-                    s = (num * damped_inverse_apply(kern, num.T, self.damping).T).sum(
-                        1, keepdim=True
-                    )
-                    t2 = t1
-                else:
-                    phi_q = query_gradients(
-                        net,
-                        task.queries,
-                        params,
-                        proj,
-                        backend=self.backend,
-                        max_points=self.max_points,
-                    )
-                    t2 = time.perf_counter()
-                    s = num @ damped_inverse_apply(kern, phi_q.T.to(kern), self.damping)
-                t3 = time.perf_counter()
-                total = s if total is None else total + s
-                count += 1
-                t_feat += t1 - t0
-                t_query += t2 - t1
-                t_solve += t3 - t2
-        if total is None:
-            raise GGDAError("TRAK needs at least one checkpoint")
-        scores = total / count
-        if not self_scores and scores.shape != (k, m):
-            raise GGDAError(f"TRAK produced scores of shape {tuple(scores.shape)}, not {(k, m)}")
-        timings = {"features": t_feat, "kernel_solve": t_solve}
-        if not self_scores:
-            timings["query_gradients"] = t_query
-        return AttributionResult(
-            scores=scores,
-            timings=timings,
-            info={
-                "ensemble_models": len(models),
-                "num_checkpoints": count,
-                "fallback_params": fallback_params(net, params),
-                "proj_dim_used": proj.d,
-            },
-        )
+    def precondition(self, step: Step, qg: torch.Tensor) -> torch.Tensor:
+        """(K + lambda I)^{-1} phi_q^T: (d, r) for query features phi_q (r, d)."""
+        kern, _ = step.state
+        return damped_inverse_apply(kern, qg.T.to(kern), self.damping)
+
+    def held_scores(self, step: Step, u: torch.Tensor) -> torch.Tensor:
+        """num_j^T (K + lambda I)^{-1} phi_q: (k, r) from the numerators in hand."""
+        _, num = step.state
+        return num @ u
+
+    def self_held_scores(self, step: Step) -> torch.Tensor:
+        """num_j^T (K + lambda I)^{-1} num_j: (k, 1)."""
+        kern, num = step.state
+        return (num * damped_inverse_apply(kern, num.T, self.damping).T).sum(1, keepdim=True)
+
+    def finish(self, scores: torch.Tensor, count: int, self_mode: bool) -> torch.Tensor:
+        """The mean over the ensemble's checkpoints."""
+        return scores / count
+
+    def run_info(self, step: Step, models: int, count: int, self_mode: bool) -> dict:
+        """Ensemble size, checkpoints averaged, vmap-fallback parameters, feature size."""
+        return {
+            "ensemble_models": models,
+            "num_checkpoints": count,
+            "fallback_params": fallback_params(step.net, step.params),
+            "proj_dim_used": step.projector.d,
+        }
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m), averaged over the ensemble's checkpoints."""
-        return self._run(task, self_scores=False)
+        return super().attribute(task)
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:
         """tau_jj = num_j^T (K + lambda I)^{-1} num_j: scores (k, 1).
@@ -277,7 +230,4 @@ class TRAK(Attributor):
         The group's own property is -L_{G_j}, whose projected gradient is
         -P^T grad L_{G_j} = num_j, so the query feature is the group's numerator.
         """
-        t0 = time.perf_counter()
-        res = self._run(task, self_scores=True)
-        res.timings = {"self_attribution": time.perf_counter() - t0}
-        return res
+        return super().self_attribute(task)

@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_dir
 from factory import ROOT, tiny_bundle, tiny_net
 from ggda.attribution.base import AttributionTask
 from ggda.attribution.influence import InfluenceFunction
+from ggda.attribution.loop import query_gradients
 from ggda.attribution.properties import (
     FunctionProperty,
     QueryProperty,
     mean_true_class_probability,
-    query_gradients,
 )
 from ggda.attribution.tracin import TracIn
 from ggda.attribution.trak import TRAK
