@@ -145,8 +145,11 @@ def _read_run(d: Path, root: Path) -> dict[str, Any] | None:
             q = max(1.0, float(m) - float(metrics.get(f"lds/{level}/nan_count", 0.0)))
             row[CI[level]] = 1.96 * float(std) / math.sqrt(q)
     row["_cfg"] = {k: v for k, v in _flatten(results).items() if k not in _IGNORED}
-    # Same results config in two places (e.g. runs/ and multirun/): counted once.
-    row["_id"] = stable_hash({k: v for k, v in results.items() if k != "sweep_name"})
+    # Same results config in two places (e.g. runs/ and multirun/): counted once. The
+    # requested `groups` counts through the k it gave: `grouping=singleton` ignores it, so
+    # `-m groups=10,100 grouping=singleton` makes one k = n run twice, not two seeds.
+    ident = {k: v for k, v in results.items() if k not in ("sweep_name", "groups")}
+    row["_id"] = stable_hash(ident | {"effective_k": row["k"]})
     row["_mtime"] = (d / "metrics.json").stat().st_mtime
     return row
 
@@ -794,7 +797,11 @@ def _markdown(
         "",
         f"{len(df)} finished runs"
         + (f", {len(unfinished)} unfinished (no metrics.json)" if unfinished else "")
-        + f"; ± is the std over seeds (up to {seeds} per row)."
+        + (
+            f"; ± is the std over seeds (up to {seeds} per row)."
+            if seeds > 1
+            else "; one seed per row (the figures' error bars: 95 % intervals over queries)."
+        )
         + (" Speed-up: T(k = n) / T(k), attribution + grouping." if len(df) else ""),
     ]
     if best:

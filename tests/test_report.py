@@ -161,8 +161,15 @@ def test_variants_duplicates_and_unfinished_runs(tmp_path):
     # submitit's folder is never read as runs.
     (tmp_path / ".submitit" / "1").mkdir(parents=True)
     (tmp_path / ".submitit" / "1" / "metrics.json").write_text("{}")
+    # `-m groups=4,8 grouping=singleton`: k = n both times, one run (not two seeds).
+    for groups in (4, 8):
+        d = _write_run(tmp_path, "influence", "singleton", N, 0, name=f"single/groups={groups}")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["results_config"]["groups"] = cfg["resolved"]["groups"] = groups
+        (d / "config.json").write_text(json.dumps(cfg))
     df, unfinished = rp.collect(tmp_path)
     assert len(df) == 8 + 4
+    assert len(df[(df.method == "influence") & (df.k == N)]) == 1
     assert unfinished == [tmp_path / "killed"]
     assert set(df.loc[df.method == "tracin", "variant"]) == {"", "method.proj_dim=32"}
     assert set(df.loc[df.method == "influence", "variant"]) == {""}
