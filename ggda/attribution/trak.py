@@ -33,12 +33,28 @@ import torch
 from ggda.attribution.base import AttributionResult, AttributionTask, Checkpoint
 from ggda.attribution.loop import GradientAttributor, Step
 from ggda.errors import check_choice, check_float, check_int
-from ggda.gradients import BACKENDS, PROJ_STRUCTURES, PROJ_TYPES, fallback_params
+from ggda.gradients import (
+    BACKENDS,
+    PROJ_STRUCTURES,
+    PROJ_TYPES,
+    fallback_params,
+    iter_weighted_group_gradients,
+    split_params,
+)
 from ggda.models.functional import margin, per_example_loss
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("points", "groups")
+
+
+def loss_weight(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-(1 - p_i): (B, C), (B,) -> (B,), with grad loss_i = -(1 - p_i) grad margin_i.
+
+    For cross-entropy, margin = log p_y - log(1 - p_y) has d margin / d logits =
+    (e_y - p) / (1 - p_y), and d loss / d logits = p - e_y.
+    """
+    return -(1 - torch.sigmoid(margin(logits, y)))
 
 
 def damped_inverse_apply(kernel: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
@@ -178,6 +194,25 @@ class TRAK(GradientAttributor):
                 logits = net(task.x_train[idx].to(device))
                 q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
                 num.index_add_(0, gid[idx].to(device), q.detach().to(phi)[:, None] * phi)
+        elif self.backend == "factored" and not split_params(net, step.params):
+            # One capture pass for both: grad loss_i = -(1 - p_i) grad margin_i.
+            sizes = task.grouping.sizes().to(device=device, dtype=dtype)
+            for groups, phi, g in iter_weighted_group_gradients(
+                net,
+                task.x_train,
+                task.y_train,
+                gid,
+                k,
+                margin,
+                loss_weight,
+                params=step.params,
+                projector=step.projector,
+                max_points=step.max_points,
+            ):
+                rows = groups.to(device)
+                phi = phi.detach()
+                kern += phi.T @ (phi / sizes[rows][:, None])
+                num[rows] = -g.detach()
         else:
             sizes = task.grouping.sizes().to(device=device, dtype=dtype)
             for groups, phi in step.gradients(margin, gid, k):

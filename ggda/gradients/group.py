@@ -215,7 +215,8 @@ def _factored_chunk(
     budget: int,
     vmap_budget: int,
     projector=None,
-) -> torch.Tensor:
+    weight_fn: Fn | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Summed gradients (c, p) [or Kronecker-projected (c, d)] of the groups in members.
 
     The chunk's real points go through batched capture passes of at most ``budget``
@@ -223,6 +224,11 @@ def _factored_chunk(
     factors (:func:`group_layer_gradients`), written in place into one (c, p) buffer. With
     a :class:`KroneckerProjector` the factors are projected first and the buffer is (c, d).
     Parameters no rule covers come from the vmap path over the same groups.
+
+    With ``weight_fn`` (w_i = weight_fn(logits_i, y_i), taken as constants), also the
+    weighted sums grad sum_{i in G} w_i fn(z_i) from the same capture pass (the factors'
+    output gradients times w_i): returns (plain, weighted). Needs every selected parameter
+    covered by a layer rule.
     """
     c, s = members.shape
     valid = members >= 0
@@ -239,32 +245,28 @@ def _factored_chunk(
             offsets[nm] = off
             off += v.numel()
         width = off
-    out = torch.zeros(c, width, dtype=p0.dtype, device=p0.device)
+    outs = [torch.zeros(c, width, dtype=p0.dtype, device=p0.device)]
+    if weight_fn is not None:
+        outs.append(torch.zeros(c, width, dtype=p0.dtype, device=p0.device))
     rest: list[str] = []
     for st in range(0, idx.numel(), budget):
         sub = idx[st : st + budget]
         slot = slot_all[st : st + budget]
+        xs, ys = x[sub].to(p0.device), y[sub].to(p0.device)
+        logits: list[torch.Tensor] = []
         factors, rest = capture_factors(
-            model, params, x[sub].to(p0.device), y[sub].to(p0.device), fn
+            model, params, xs, ys, fn, logits.append if weight_fn is not None else None
         )
+        if weight_fn is not None and rest:
+            raise ValueError(
+                f"weighted group gradients need a layer rule for every parameter; no rule "
+                f"covers {rest[:3]}"
+            )
         for f in factors:
-            if kron:
-                bi = projector.layer_block.get(f.name)
-                if bi is not None:
-                    o = projector.starts[bi]
-                    out[:, o : o + projector.blocks[bi].dim] += projector.project_factors(
-                        f, slot, c
-                    )
-                    continue
-                grads = group_layer_gradients(f, slot, c)
-                bi = projector.name_block[next(iter(grads))]
-                flat = torch.cat([grads[nm].reshape(c, -1) for nm in projector.blocks[bi].names], 1)
-                o = projector.starts[bi]
-                out[:, o : o + projector.blocks[bi].dim] += projector.project_dense(bi, flat)
-                continue
-            for nm, gr in group_layer_gradients(f, slot, c).items():
-                o = offsets[nm]
-                out[:, o : o + gr[0].numel()] += gr.reshape(c, -1)
+            _add_layer(outs[0], f, slot, c, projector, offsets)
+            if weight_fn is not None:
+                _add_layer(outs[1], f.scaled(weight_fn(logits[0], ys)), slot, c, projector, offsets)
+    out = outs[0]
     if rest:
         sub_params = {nm: params[nm] for nm in rest}
         g = _vmap_chunk(_vmap_group_fn(model, fn), sub_params, x, y, members, vmap_budget)
@@ -278,7 +280,26 @@ def _factored_chunk(
                 nmel = params[nm].numel()
                 out[:, offsets[nm] : offsets[nm] + nmel] += g[:, o : o + nmel]
                 o += nmel
-    return out
+    return out if weight_fn is None else (out, outs[1])
+
+
+def _add_layer(out: torch.Tensor, f, slot: torch.Tensor, c: int, projector, offsets) -> None:
+    """Add one layer's group gradients (or their Kronecker projection) into ``out`` (c, .)."""
+    if isinstance(projector, KroneckerProjector):
+        bi = projector.layer_block.get(f.name)
+        if bi is not None:
+            o = projector.starts[bi]
+            out[:, o : o + projector.blocks[bi].dim] += projector.project_factors(f, slot, c)
+            return
+        grads = group_layer_gradients(f, slot, c)
+        bi = projector.name_block[next(iter(grads))]
+        flat = torch.cat([grads[nm].reshape(c, -1) for nm in projector.blocks[bi].names], 1)
+        o = projector.starts[bi]
+        out[:, o : o + projector.blocks[bi].dim] += projector.project_dense(bi, flat)
+        return
+    for nm, gr in group_layer_gradients(f, slot, c).items():
+        o = offsets[nm]
+        out[:, o : o + gr[0].numel()] += gr.reshape(c, -1)
 
 
 def _chunks_by_size(
@@ -368,33 +389,110 @@ def iter_group_gradients(
             yield torch.tensor([j]), projector(flat) if projector else flat
         return
 
-    n = y.shape[0]
-    x1, y1 = x[:1].to(device), y[:1].to(device)
-    vmap_budget = max(1, min(max_points, VMAP_ACT_ELEMS // activation_elems(model, x1)))
     if backend == "factored":
         warn_fallback(model, split_params(model, params))
-        budget = max(1, FACTOR_ELEMS // factor_elems(model, params, x1, y1, fn))
-        kron = isinstance(projector, KroneckerProjector)
-        if kron:
-            # nothing (c, p) is formed: the chunk is bounded by its (c, d) output
-            f_groups = max(1, max_elems // max(projector.d, 1))
-        elif projector is not None:
-            # big chunks amortise reading the (p, d) matrix once per chunk
-            f_groups = max_groups
-        else:
-            # the chunk's (c, p) output is written fresh each chunk; a few MB stays in the
-            # caches' reach while 100+ MB chunks pay page faults
-            f_groups = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
-        for groups, members in _chunks_by_size(group_ids, k, max(max_points, budget), f_groups):
-            flat = _factored_chunk(model, params, x, y, members, fn, budget, vmap_budget, projector)
-            yield groups, projector(flat) if projector is not None and not kron else flat
+        yield from _iter_factored(
+            model, x, y, group_ids, k, fn, params, projector, max_points, max_elems, None
+        )
         return
 
+    x1 = x[:1].to(device)
+    vmap_budget = max(1, min(max_points, VMAP_ACT_ELEMS // activation_elems(model, x1)))
     per_group = _vmap_group_fn(model, fn)
-    del n
     for groups, members in _chunks_by_size(group_ids, k, vmap_budget, max_groups):
         flat = _vmap_chunk(per_group, params, x, y, members, vmap_budget)
         yield groups, projector(flat) if projector else flat
+
+
+def _iter_factored(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    group_ids: torch.Tensor,
+    k: int,
+    fn: Fn,
+    params: dict[str, torch.Tensor],
+    projector,
+    max_points: int,
+    max_elems: int,
+    weight_fn: Fn | None,
+) -> Iterator[tuple]:
+    """The factored backend's chunks, projected (see :func:`_factored_chunk`).
+
+    Yields (groups, grads), or (groups, grads, weighted grads) with ``weight_fn``.
+    """
+    device = next(iter(params.values())).device
+    p = num_params(params)
+    x1, y1 = x[:1].to(device), y[:1].to(device)
+    vmap_budget = max(1, min(max_points, VMAP_ACT_ELEMS // activation_elems(model, x1)))
+    budget = max(1, FACTOR_ELEMS // factor_elems(model, params, x1, y1, fn))
+    kron = isinstance(projector, KroneckerProjector)
+    if kron:
+        # nothing (c, p) is formed: the chunk is bounded by its (c, d) output
+        f_groups = max(1, max_elems // max(projector.d, 1))
+    elif projector is not None:
+        # big chunks amortise reading the (p, d) matrix once per chunk
+        f_groups = max(1, max_elems // max(p, 1))
+    else:
+        # the chunk's (c, p) output is written fresh each chunk; a few MB stays in the
+        # caches' reach while 100+ MB chunks pay page faults
+        f_groups = max(1, min(max_elems, FACTORED_CHUNK_ELEMS) // max(p, 1))
+    if weight_fn is not None:
+        f_groups = max(1, f_groups // 2)  # two outputs per chunk
+    dense = projector is not None and not kron
+    for groups, members in _chunks_by_size(group_ids, k, max(max_points, budget), f_groups):
+        out = _factored_chunk(
+            model, params, x, y, members, fn, budget, vmap_budget, projector, weight_fn
+        )
+        if weight_fn is None:
+            yield groups, projector(out) if dense else out
+        else:
+            yield (groups, *(projector(o) if dense else o for o in out))
+
+
+def iter_weighted_group_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    group_ids: torch.Tensor,
+    k: int,
+    fn: Fn,
+    weight_fn: Fn,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_points: int = 2048,
+    max_elems: int = 32_000_000,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Stream two group gradients from one factored forward/backward per chunk.
+
+    With w_i = weight_fn(logits_i, y_i) held constant (computed from the same forward pass):
+
+        plain_G    = [P^T] grad sum_{i in G} fn(z_i)
+        weighted_G = [P^T] sum_{i in G} w_i grad fn(z_i)
+
+    TRAK's group kernel needs both for fn = margin: the group margin features and, with
+    w_i = -(1 - p_i), the group loss gradient (grad loss_i = -(1 - p_i) grad margin_i for
+    cross-entropy), so one capture pass replaces two. Factored backend only.
+
+    Raises:
+        ValueError: a selected parameter has no layer rule (use two
+            :func:`iter_group_gradients` passes instead; :func:`split_params` tells).
+
+    Yields:
+        (groups (c,) long, plain (c, d), weighted (c, d)).
+    """
+    if params is None:
+        params = select_params(model)
+    rest = split_params(model, params)
+    if rest:
+        raise ValueError(
+            f"weighted group gradients need a layer rule for every parameter; no rule "
+            f"covers {rest[:3]}"
+        )
+    yield from _iter_factored(
+        model, x, y, group_ids, k, fn, params, projector, max_points, max_elems, weight_fn
+    )
 
 
 def group_gradients(

@@ -74,6 +74,20 @@ class LayerFactors:
         self._a, self.g, self.weight, self.bias = a, g, weight, bias
         self.conv_uses = conv_uses
 
+    def scaled(self, w: torch.Tensor) -> LayerFactors:
+        """The factors of sum_i w_i fn(z_i), for w (N,) held constant.
+
+        Each point's output gradient times w_i; the inputs are shared (a layer's gradient
+        is linear in g).
+        """
+        uses = None
+        if self.conv_uses:
+            uses = [(x, gout * w.to(gout).reshape(-1, 1, 1, 1)) for x, gout in self.conv_uses]
+        g = self.g * w.to(self.g)[:, None, None]
+        return LayerFactors(
+            self.name, self.module, self.kind, self._a, g, self.weight, self.bias, uses
+        )
+
     @property
     def a(self) -> torch.Tensor:
         """The layer-input factor (see the class docstring); conv patches on first use."""
@@ -357,6 +371,7 @@ def capture_factors(
     x: torch.Tensor,
     y: torch.Tensor,
     fn: Fn,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[LayerFactors], list[str]]:
     """One ordinary batched forward/backward of sum_i fn(model(x)_i, y_i) with hooks.
 
@@ -374,6 +389,8 @@ def capture_factors(
         x: (N, ...) inputs on the model's device.
         y: (N,) labels.
         fn: per-example scalar function ``(logits (N, C), y (N,)) -> (N,)``.
+        on_logits: called with the forward pass's detached logits (N, C), for callers
+            that weight the points by the model's output without a second forward.
     """
     layers, rest = supported_layers(model, params)
     n = y.shape[0]
@@ -394,7 +411,10 @@ def capture_factors(
     ]
     try:
         with torch.enable_grad():
-            total = fn(model(x), y).sum()
+            logits = model(x)
+            if on_logits is not None:
+                on_logits(logits.detach())
+            total = fn(logits, y).sum()
             outs = [o for s in seen for _, o in s]
             grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
     finally:

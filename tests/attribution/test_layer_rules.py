@@ -276,3 +276,51 @@ class _CustomHead(nn.Module):
 
     def forward(self, x):
         return self.custom(self.lin(x))
+
+
+def _weighted_brute(net, x, y, fn, w, ids, k):
+    """(k, p): sum_{i in G} w_i grad fn(z_i) from one plain backward per point."""
+    per = _brute(net, x, y, fn) * w[:, None]
+    return torch.zeros(k, per.shape[1], dtype=per.dtype).index_add_(0, ids, per)
+
+
+@pytest.mark.parametrize(
+    "case", CASES + [(k, *_shipped(k)[:2]) for k in SHIPPED], ids=lambda c: c[0]
+)
+def test_weighted_pair_from_one_pass_equals_brute_force(case):
+    # TRAK's group kernel takes the margin features and the loss gradient from one
+    # capture: grad loss_i = -(1 - p_i) grad margin_i.
+    from ggda.attribution.trak import loss_weight
+    from ggda.gradients import iter_weighted_group_gradients
+
+    _, net, x = case
+    n = x.shape[0]
+    y = torch.arange(n) % 3
+    ids = _ids(n, 3, seed=4)
+    got_plain = torch.zeros(3, sum(p.numel() for p in net.parameters()), dtype=torch.float64)
+    got_w = torch.zeros_like(got_plain)
+    for groups, plain, weighted in iter_weighted_group_gradients(
+        net, x, y, ids, 3, margin, loss_weight, max_points=2
+    ):
+        got_plain[groups], got_w[groups] = plain, weighted
+    assert torch.allclose(got_plain, group_gradients(net, x, y, ids, 3, margin, backend="loop"))
+    with torch.no_grad():
+        w = loss_weight(net(x), y)
+    assert torch.allclose(got_w, _weighted_brute(net, x, y, margin, w, ids, 3), atol=1e-11)
+    # ... which is the group loss gradient
+    ref_loss = group_gradients(net, x, y, ids, 3, per_example_loss, backend="loop")
+    assert torch.allclose(got_w, ref_loss, atol=1e-11)
+
+
+def test_weighted_pair_refuses_parameters_without_a_rule():
+    from ggda.attribution.trak import loss_weight
+    from ggda.gradients import iter_weighted_group_gradients
+
+    net = _Seq(nn.Conv2d(2, 4, 3, groups=2), 4 * 25).double().eval()
+    x = torch.randn(4, 2, 7, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no rule covers"):
+        next(
+            iter_weighted_group_gradients(
+                net, x, torch.arange(4) % 3, torch.arange(4), 4, margin, loss_weight
+            )
+        )
