@@ -638,7 +638,8 @@ def _check_callback_order(cfg: DictConfig, callbacks: list[Any]) -> None:
                     "callbacks",
                     names,
                     f"a list with a {need.__name__} before the {type(cb).__name__}",
-                    f"`{names[i]}` evaluates what the {need.__name__} produces: list it after "
+                    f"`{names[i] if i < len(names) else type(cb).__name__}` evaluates what the "
+                    f"{need.__name__} produces: list it after "
                     "that one (see conf/callbacks/default.yaml).",
                 )
 

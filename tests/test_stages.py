@@ -261,12 +261,15 @@ def test_callbacks_in_the_wrong_order_are_refused_before_training():
     from ggda.lightning.callbacks import GroupAttributionCallback as Attr
     from ggda.pipeline import _check_callback_order
 
-    good = OmegaConf.create({"callbacks": {"checkpoint": {}, "attribution": {}, "evaluation": {}}})
+    node = {"_target_": "unused"}  # the check reads the names of the (non-empty) nodes
+    good = OmegaConf.create(
+        {"callbacks": dict.fromkeys(("checkpoint", "attribution", "evaluation"), node)}
+    )
     _check_callback_order(good, [EpochCheckpoint(), Attr(), EvaluationCallback()])
-    bad = OmegaConf.create({"callbacks": {"evaluation": {}, "attribution": {}}})
+    bad = OmegaConf.create({"callbacks": {"evaluation": node, "attribution": node}})
     with pytest.raises(
         ConfigError, match="`evaluation` evaluates what the GroupAttributionCallback"
     ):
         _check_callback_order(bad, [EvaluationCallback(), Attr()])
     with pytest.raises(ConfigError, match="callbacks"):
-        _check_callback_order(OmegaConf.create({"callbacks": {"e": {}}}), [EvaluationCallback()])
+        _check_callback_order(OmegaConf.create({"callbacks": {"e": node}}), [EvaluationCallback()])

@@ -66,49 +66,71 @@ class GroupAttributionCallback(GGDACallback):
         if not checkpoints:
             raise GGDAError(f"no checkpoints found in {run.store.dir}; delete it and rerun")
         net.load_state_dict(checkpoints[-1].state_dict)
-        bundle = run.bundle
+        b = run.bundle
 
-        # -- grouping ---------------------------------------------------------------------
-        inputs = GroupingInputs(bundle.x_train, bundle.y_train, bundle.num_classes, net, device)
+        inputs = GroupingInputs(b.x_train, b.y_train, b.num_classes, net, device)
         grouped = stages.group(run.grouper, inputs, run.cache)
-        grouping = grouped.grouping
-        self._log_grouping(grouped)
-        atomic_torch_save(ctx.run_dir / "grouping.pt", grouping.group_ids)
-        maybe_fail("grouped")
+        self._grouped(grouped)
 
-        # -- attribution ------------------------------------------------------------------
-        queries = run.prop.examples(bundle)
         task = AttributionTask(
             net=net,
             checkpoints=checkpoints,
-            x_train=bundle.x_train,
-            y_train=bundle.y_train,
-            grouping=grouping,
-            queries=queries,
+            x_train=b.x_train,
+            y_train=b.y_train,
+            grouping=grouped.grouping,
+            queries=run.prop.examples(b),
             device=device,
             ensemble=run.ensemble,
             retrain=run.retrain,
             prop=run.prop,
-            bundle=bundle,
+            bundle=b,
             cache_dir=run.cache.dir,
         )
-        attributed = stages.attribute(run.attributor, task, run.cache, grouped.key)
-        ctx.attributed = attributed
-        self._log_attribution(attributed)
+        ctx.attributed = stages.attribute(run.attributor, task, run.cache, grouped.key)
+        self._attributed(ctx.attributed)
+
+    def _grouped(self, grouped: stages.GroupingStage) -> None:
+        """Log the grouping stage (time, cache use, group sizes) and write ``grouping.pt``."""
+        ctx = self.ctx
+        ctx.log({"time/grouping": grouped.seconds, "grouping/cached": int(grouped.cached)})
+        for k, v in grouped.timings.items():
+            ctx.log({f"time/{k}": v})
+        self._log_sizes(grouped.grouping)
+        log.info(
+            "grouped: %s, k=%d of n=%d, largest group %.1f %% of n (%.2f s)",
+            _grouper_label(ctx.objects.grouper),
+            grouped.grouping.k,
+            grouped.grouping.n,
+            100 * ctx.metrics["grouping/largest_share"],
+            ctx.metrics.get("time/grouping", float("nan")),
+        )
+        atomic_torch_save(ctx.run_dir / "grouping.pt", grouped.grouping.group_ids)
+        maybe_fail("grouped")
+
+    def _attributed(self, attributed: stages.AttributionStage) -> None:
+        """Log the attribution stage and write ``scores.pt`` and ``queries.pt``."""
+        ctx, run = self.ctx, self.ctx.objects
+        result, grouping, queries = (
+            attributed.result,
+            attributed.task.grouping,
+            attributed.task.queries,
+        )
+        ctx.log({"attribution/cached": int(attributed.cached)})
+        ctx.log({"time/attribution": result.timings.get("total", float("nan"))})
+        ctx.log({f"time/attribution/{k}": v for k, v in result.timings.items() if k != "total"})
         ctx.metrics["attribution/scores_file"] = stages.save_scores(
-            ctx.run_dir, attributed.scores, self.scores_mmap_bytes
+            ctx.run_dir, result.scores, self.scores_mmap_bytes
         )
         maybe_fail("attributed")
         atomic_torch_save(
             ctx.run_dir / "queries.pt",
             {
                 "split": run.prop.split,
-                "indices": run.prop.point_indices(bundle),
+                "indices": run.prop.point_indices(run.bundle),
                 "row_ids": queries.row_ids,
                 "measurement": queries.measurement,
             },
         )
-        result = attributed.result
         ctx.log(
             {f"attribution/{k}": v for k, v in result.info.items() if isinstance(v, (int, float))}
         )
@@ -125,30 +147,6 @@ class GroupAttributionCallback(GGDACallback):
             else "",
         )
         self._report(grouping, result)
-
-    def _log_grouping(self, grouped: stages.GroupingStage) -> None:
-        """The grouping stage's time and cache use, then the group sizes."""
-        ctx = self.ctx
-        ctx.log({"time/grouping": grouped.seconds, "grouping/cached": int(grouped.cached)})
-        for k, v in grouped.timings.items():
-            ctx.log({f"time/{k}": v})
-        self._log_sizes(grouped.grouping)
-        log.info(
-            "grouped: %s, k=%d of n=%d, largest group %.1f %% of n (%.2f s)",
-            _grouper_label(ctx.objects.grouper),
-            grouped.grouping.k,
-            grouped.grouping.n,
-            100 * ctx.metrics["grouping/largest_share"],
-            ctx.metrics.get("time/grouping", float("nan")),
-        )
-
-    def _log_attribution(self, attributed: stages.AttributionStage) -> None:
-        """The attribution stage's cache use and times."""
-        ctx = self.ctx
-        timings = attributed.result.timings
-        ctx.log({"attribution/cached": int(attributed.cached)})
-        ctx.log({"time/attribution": timings.get("total", float("nan"))})
-        ctx.log({f"time/attribution/{k}": v for k, v in timings.items() if k != "total"})
 
     def _log_sizes(self, grouping: Grouping) -> None:
         """Group sizes, the effective k (an int) and the largest group's share of n."""
