@@ -27,13 +27,13 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 import ggda.config  # noqa: F401  (registers the config resolvers before any compose)
-from ggda import tracking
+from ggda import stages, tracking
 from ggda.config import drop_presentation
 from ggda.data.fingerprint import fingerprint, recording
 from ggda.errors import ConfigError, GGDAError, check_int
 from ggda.evaluation.base import metric_namespaces
-from ggda.io import atomic_write_json, diff_keys, open_lock, stable_hash
-from ggda.lightning.callbacks.base import GGDACallback, RunContext
+from ggda.io import atomic_write_json, diff_keys, open_lock
+from ggda.lightning.callbacks.base import GGDACallback, RunContext, RunObjects
 from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
 from ggda.lightning.datamodule import BundleDataModule
 from ggda.lightning.module import GGDAModule
@@ -49,10 +49,8 @@ logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").s
 )
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
-# Bumped when code changes what a cached artifact holds for the same config (data
-# preprocessing, training loop), so that stale caches are not reused.
-# 3: per-epoch shuffle order a function of (seed, epoch) (exact resume); data fingerprints.
-CACHE_VERSION = 3
+# The cache version lives with the cache keys (bumped there when cached artifacts change).
+CACHE_VERSION = stages.CACHE_VERSION
 
 
 def is_multirun() -> bool:
@@ -127,47 +125,30 @@ def cache_keys(
     prop_cfg: dict,
     data_fingerprint: dict | None = None,
 ) -> dict[str, str]:
-    """Keys of the cached artifacts, each a hash of exactly what decides it.
+    """Keys of the cached artifacts (:func:`ggda.stages.cache_keys` of the run's config).
 
     Args:
-        cfg: The composed run config (``dataset`` and ``model`` are read).
-        grouper_cfg: The resolved ``grouping`` node.
-        uses_model: Whether the attribution method needs a trained model.
-        method_cfg: The resolved ``method`` node.
-        prop_cfg: The resolved ``propagation`` node.
+        cfg: The composed run config (``dataset``, ``model``, ``seed`` and ``trainer``
+            are read).
+        grouper_cfg: The grouper's ``config()``.
+        uses_model: Whether the grouper reads the trained model.
+        method_cfg: The method's ``config()``.
+        prop_cfg: The property's attributes.
         data_fingerprint: :func:`ggda.data.fingerprint.fingerprint` of the files (and
             data packages) the data set was loaded from (``bundle.meta["fingerprint"]``
             as set by :func:`load_data`); a changed file changes every key.
     """
-    data = OmegaConf.to_container(cfg.dataset, resolve=True)
-    data.pop("num_queries", None)  # queries do not change training or the eval logits
-    data_key = stable_hash(
-        {"data": data, "files": data_fingerprint or {}, "version": CACHE_VERSION}
+    return stages.cache_keys(
+        data=OmegaConf.to_container(cfg.dataset, resolve=True),
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        seed=int(cfg.seed),
+        trainer=trainer_results(cfg),
+        grouper=grouper_cfg,
+        uses_model=uses_model,
+        method=method_cfg,
+        prop=prop_cfg,
+        fingerprint=data_fingerprint,
     )
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    recipe_key = stable_hash({"data": data_key, "model": model})
-    model_key = base_model_key(recipe_key, int(cfg.seed), cfg)
-    grouping_key = stable_hash(
-        {"data": data_key, "grouper": grouper_cfg, "model": model_key if uses_model else None}
-    )
-    scores_key = stable_hash(
-        {"model": model_key, "grouping": grouping_key, "method": method_cfg, "property": prop_cfg}
-    )
-    precision = str(cfg.trainer.get("precision", "32-true"))
-    # Retrains train in the data's dtype: float64 under 64-true, float32 otherwise.
-    retrain_key = (
-        stable_hash({"recipe": recipe_key, "precision": precision})
-        if precision.startswith("64")
-        else recipe_key
-    )
-    return {
-        "data": data_key,
-        "recipe": recipe_key,
-        "retrain": retrain_key,
-        "model": model_key,
-        "grouping": grouping_key,
-        "scores": scores_key,
-    }
 
 
 def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
@@ -176,7 +157,7 @@ def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
     Every result-deciding ``trainer`` key (precision, determinism, gradient clipping, ...)
     is in it; the presentation ones (progress bars, accelerator) are not.
     """
-    return stable_hash({"recipe": recipe_key, "seed": seed, "trainer": trainer_results(cfg)})
+    return stages.model_key(recipe_key, seed, trainer_results(cfg))
 
 
 def trainer_results(cfg: DictConfig) -> dict[str, Any]:
@@ -187,7 +168,7 @@ def trainer_results(cfg: DictConfig) -> dict[str, Any]:
     """
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     out = drop_presentation({"trainer": kw})["trainer"]
-    out["precision"] = str(out.get("precision", "32-true"))
+    out["precision"] = str(out.get("precision", stages.DEFAULT_PRECISION))
     return out
 
 
@@ -550,25 +531,31 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     )
     retrain = build(cfg.retrain, cache_dir=str(cache_dir)).bind(recipe, bundle, keys["retrain"])
     store = model_store(cfg, keys, int(cfg.seed), recipe)
+    callbacks = [build(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    _check_callback_order(cfg, callbacks)
     loggers = build_loggers(cfg, run_dir)
-    ctx = RunContext(
-        run_dir=run_dir,
-        cache_dir=cache_dir,
+    cache = stages.ArtifactCache(cache_dir, keys["data"], keys["model"])
+    # The stages derive the grouping and scores keys themselves: they must be the ones that
+    # config.json records.
+    derived = {"grouping": cache.grouping_key(grouper)}
+    derived["scores"] = cache.scores_key(derived["grouping"], attributor, prop)
+    if any(derived[k] != keys[k] for k in derived):
+        raise RuntimeError(f"ggda.stages keys {derived} differ from the run's {keys}")
+    objects = RunObjects(
         bundle=bundle,
         store=store,
         grouper=grouper,
         attributor=attributor,
         prop=prop,
         retrain=retrain,
-        evaluators=evaluators,
-        keys=keys,
-        seed=int(cfg.seed),
-        loggers=loggers,
+        evaluators=tuple(evaluators),
+        cache=cache,
         # TRAK's ensemble: models of seeds seed+1.. trained and cached like the base model
         ensemble=lambda count: [
             train_member(cfg, keys, bundle, recipe, int(cfg.seed) + i) for i in range(1, count + 1)
         ],
     )
+    ctx = RunContext(objects=objects, run_dir=run_dir, loggers=loggers)
     ctx.log(
         {
             "time/data": t_data,
@@ -576,7 +563,6 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
             "data/num_queries": int(bundle.query_idx.numel()),
         }
     )
-    callbacks = [build(node) for node in (cfg.get("callbacks") or {}).values() if node]
     for cb in callbacks:
         if isinstance(cb, GGDACallback):
             cb.bind(ctx)
@@ -640,6 +626,22 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         per_sample_command(),
     )
     return ctx.metrics
+
+
+def _check_callback_order(cfg: DictConfig, callbacks: list[Any]) -> None:
+    """Refuse, before training, a GGDA callback listed before one whose result it reads."""
+    names = [k for k, node in (cfg.get("callbacks") or {}).items() if node]
+    for i, cb in enumerate(callbacks):
+        for need in getattr(cb, "after", ()):
+            if not any(isinstance(c, need) for c in callbacks[:i]):
+                raise ConfigError(
+                    "callbacks",
+                    names,
+                    f"a list with a {need.__name__} before the {type(cb).__name__}",
+                    f"`{names[i] if i < len(names) else type(cb).__name__}` evaluates what the "
+                    f"{need.__name__} produces: list it after "
+                    "that one (see conf/callbacks/default.yaml).",
+                )
 
 
 def _to_float64(bundle: Any) -> None:

@@ -30,8 +30,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("grouping",),
     5: ("attribution",),
     6: ("evaluation",),
-    7: ("lightning", "report", "lds"),
-    8: ("pipeline", "cli"),
+    7: ("stages", "report", "lds"),
+    8: ("lightning",),
+    9: ("pipeline", "cli"),
 }
 RANK = {pkg: layer for layer, pkgs in LAYERS.items() for pkg in pkgs}
 

@@ -1,7 +1,7 @@
 """Thin Lightning callbacks over the library: checkpoints, attribution, evaluation."""
 
 from ggda.lightning.callbacks.attribution import GroupAttributionCallback
-from ggda.lightning.callbacks.base import GGDACallback, RunContext
+from ggda.lightning.callbacks.base import GGDACallback, RunContext, RunObjects
 from ggda.lightning.callbacks.checkpoint import EpochCheckpoint
 from ggda.lightning.callbacks.evaluation import EvaluationCallback
 
@@ -11,4 +11,5 @@ __all__ = [
     "GGDACallback",
     "GroupAttributionCallback",
     "RunContext",
+    "RunObjects",
 ]

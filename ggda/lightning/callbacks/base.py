@@ -1,10 +1,8 @@
-"""Shared state of one run, handed by the pipeline to the GGDA callbacks."""
+"""What the pipeline hands the GGDA callbacks: the run's objects and its record."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,39 +10,56 @@ from typing import Any
 import pytorch_lightning as pl
 
 from ggda import tracking
-from ggda.attribution.base import AttributionResult, AttributionTask, Attributor, Checkpoint
+from ggda.attribution.base import Attributor, Checkpoint
 from ggda.attribution.properties import QueryProperty
 from ggda.data.base import DataBundle
 from ggda.evaluation.base import Evaluator
 from ggda.evaluation.retrain import RetrainService
-from ggda.grouping.base import Grouper, Grouping
+from ggda.grouping.base import Grouper
 from ggda.models.store import ModelStore
+from ggda.stages import ArtifactCache, AttributionStage
 
 
-@dataclass
-class RunContext:
-    """Objects built from config plus what the stages produce.
+@dataclass(frozen=True)
+class RunObjects:
+    """The library objects one run is made of, built from config by :mod:`ggda.pipeline`.
 
-    Built once by :func:`ggda.pipeline.run`; the callbacks read and fill it.
+    Attributes:
+        bundle: the data.
+        store: the base model's cache entry (its checkpoints).
+        grouper, attributor, prop: the grouping, the method and the property.
+        retrain: the bound retrain service.
+        evaluators: the evaluations, in order.
+        cache: where groupings and scores are cached (:class:`ggda.stages.ArtifactCache`).
+        ensemble: ``ensemble(count)`` trains (or reuses) further models of the recipe.
     """
 
-    run_dir: Path
-    cache_dir: Path
     bundle: DataBundle
     store: ModelStore
     grouper: Grouper
     attributor: Attributor
     prop: QueryProperty
     retrain: RetrainService
-    evaluators: list[Evaluator]
-    keys: dict[str, str]
-    seed: int
-    loggers: list[Any] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    grouping: Grouping | None = None
-    task: AttributionTask | None = None
-    result: AttributionResult | None = None
+    evaluators: tuple[Evaluator, ...]
+    cache: ArtifactCache
     ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
+
+
+@dataclass
+class RunContext:
+    """One run as the callbacks see it: its objects, where it writes, what it recorded.
+
+    Built once by :func:`ggda.pipeline.run`. The attribution callback sets
+    :attr:`attributed` (the typed result of the attribution stage), which the evaluation
+    callback reads; the pipeline checks before training that the callbacks come in that
+    order.
+    """
+
+    objects: RunObjects
+    run_dir: Path
+    loggers: list[Any] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    attributed: AttributionStage | None = None
 
     def log(self, metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
         """Record scalars (for metrics.json) and send them to the loggers."""
@@ -52,19 +67,15 @@ class RunContext:
         self.metrics.update(full)
         tracking.log_scalars(self.loggers, full, step=step)
 
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        """Time a stage into ``time/<stage>``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.log({f"time/{stage}": time.perf_counter() - t0})
-
 
 class GGDACallback(pl.Callback):
-    """A callback that gets the run's :class:`RunContext` from the pipeline."""
+    """A callback that gets the run's :class:`RunContext` from the pipeline.
 
+    ``after`` names the GGDA callback classes that must come before this one in the
+    trainer's callback list (the pipeline checks it before training).
+    """
+
+    after: tuple[type[GGDACallback], ...] = ()
     context: RunContext | None = None
 
     def bind(self, context: RunContext) -> None:

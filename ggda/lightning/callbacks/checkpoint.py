@@ -31,7 +31,7 @@ class EpochCheckpoint(GGDACallback):
 
     def bind(self, context: RunContext) -> None:
         super().bind(context)
-        self.store = context.store
+        self.store = context.objects.store
 
     def _store(self) -> ModelStore:
         if self.store is None:

@@ -4,41 +4,31 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from ggda import tracking
-from ggda.errors import GGDAError
-from ggda.evaluation.base import EvalContext
+from ggda import stages, tracking
 from ggda.faults import maybe_fail
+from ggda.lightning.callbacks.attribution import GroupAttributionCallback
 from ggda.lightning.callbacks.base import GGDACallback
 
 
 class EvaluationCallback(GGDACallback):
-    """on_fit_end (after :class:`GroupAttributionCallback`): each evaluator in turn."""
+    """on_fit_end (after :class:`GroupAttributionCallback`): each evaluator in turn.
+
+    Evaluates the attribution stage's result (``RunContext.attributed``); the pipeline
+    refuses, before training, a callback list that does not put the attribution first.
+    """
+
+    after = (GroupAttributionCallback,)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ctx = self.ctx
-        if ctx.result is None or ctx.grouping is None:
-            raise GGDAError(
-                "EvaluationCallback needs attribution results: list `attribution` before "
-                "`evaluation` under `callbacks`"
-            )
-        scores = ctx.result.scores
-        ectx = EvalContext(
-            bundle=ctx.bundle,
-            grouping=ctx.grouping,
-            scores=scores,
-            prop=ctx.prop,
-            retrain=ctx.retrain,
-            attributor=ctx.attributor,
-            task=ctx.task,
-        )
-        for ev in ctx.evaluators:
-            before = dict(ctx.retrain.stats)
-            with ctx.timed(f"eval/{ev.name}"):
-                res = ev.evaluate(ectx)
-            ctx.log({f"{ev.name}/{k}": v for k, v in res.metrics.items()})
-            ctx.log({f"{ev.name}/{k}": ctx.retrain.stats[k] - before[k] for k in before})
-            for name, df in res.tables.items():
-                tracking.log_table(ctx.run_dir, ctx.loggers, f"{ev.name}_{name}", df)
-            for name, fig in res.figures.items():
-                tracking.log_figure(ctx.run_dir, ctx.loggers, f"{ev.name}_{name}", fig)
-            maybe_fail(f"evaluated_{ev.name}")
+        if ctx.attributed is None:  # the pipeline's order check rules this out
+            raise RuntimeError("EvaluationCallback ran before GroupAttributionCallback")
+        for out in stages.iter_evaluate(ctx.objects.evaluators, ctx.attributed):
+            ctx.log({f"time/eval/{out.name}": out.seconds})
+            ctx.log({f"{out.name}/{k}": v for k, v in out.result.metrics.items()})
+            ctx.log({f"{out.name}/{k}": v for k, v in out.retrains.items()})
+            for name, df in out.result.tables.items():
+                tracking.log_table(ctx.run_dir, ctx.loggers, f"{out.name}_{name}", df)
+            for name, fig in out.result.figures.items():
+                tracking.log_figure(ctx.run_dir, ctx.loggers, f"{out.name}_{name}", fig)
+            maybe_fail(f"evaluated_{out.name}")
