@@ -39,8 +39,8 @@ from ggda.gradients import (
     PROJ_TYPES,
     fallback_params,
     iter_weighted_group_gradients,
-    split_params,
 )
+from ggda.gradients.group import UncoveredParams
 from ggda.models.functional import margin, per_example_loss
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ class TRAK(GradientAttributor):
         ``points``: K = sum_i phi_i phi_i^T and num_j = sum_{i in G_j} (1 - p_i) phi_i from
         one stream of per-sample margin features; ``groups``: K = sum_j phi_{G_j}
         phi_{G_j}^T / |G_j| from the group margin features, num_j = -P^T grad L_{G_j} from
-        a second stream of group loss gradients.
+        the group loss gradients: on the factored path both from one capture pass
+        (:func:`~ggda.gradients.iter_weighted_group_gradients`), else two streams.
         """
         net, task = step.net, step.task
         k = task.grouping.k
@@ -194,10 +195,11 @@ class TRAK(GradientAttributor):
                 logits = net(task.x_train[idx].to(device))
                 q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
                 num.index_add_(0, gid[idx].to(device), q.detach().to(phi)[:, None] * phi)
-        elif self.backend == "factored" and not split_params(net, step.params):
+            return kern, num
+        sizes = task.grouping.sizes().to(device=device, dtype=dtype)
+        if self.backend == "factored":
             # One capture pass for both: grad loss_i = -(1 - p_i) grad margin_i.
-            sizes = task.grouping.sizes().to(device=device, dtype=dtype)
-            for groups, phi, g in iter_weighted_group_gradients(
+            pairs = iter_weighted_group_gradients(
                 net,
                 task.x_train,
                 task.y_train,
@@ -208,18 +210,21 @@ class TRAK(GradientAttributor):
                 params=step.params,
                 projector=step.projector,
                 max_points=step.max_points,
-            ):
-                rows = groups.to(device)
-                phi = phi.detach()
-                kern += phi.T @ (phi / sizes[rows][:, None])
-                num[rows] = -g.detach()
-        else:
-            sizes = task.grouping.sizes().to(device=device, dtype=dtype)
-            for groups, phi in step.gradients(margin, gid, k):
-                phi = phi.detach()
-                kern += phi.T @ (phi / sizes[groups.to(device)][:, None])
-            for groups, g in step.gradients(per_example_loss, gid, k):
-                num[groups.to(device)] = -g.detach()
+            )
+            try:
+                for groups, phi, g in pairs:
+                    rows = groups.to(device)
+                    phi = phi.detach()
+                    kern += phi.T @ (phi / sizes[rows][:, None])
+                    num[rows] = -g.detach()
+                return kern, num
+            except UncoveredParams:
+                pass  # a parameter without a layer rule, raised before the first chunk
+        for groups, phi in step.gradients(margin, gid, k):
+            phi = phi.detach()
+            kern += phi.T @ (phi / sizes[groups.to(device)][:, None])
+        for groups, g in step.gradients(per_example_loss, gid, k):
+            num[groups.to(device)] = -g.detach()
         return kern, num
 
     # -- hooks of the shared loop (A = K + lambda I, mean over the checkpoints) -----------

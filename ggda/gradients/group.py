@@ -257,15 +257,13 @@ def _factored_chunk(
         factors, rest = capture_factors(
             model, params, xs, ys, fn, logits.append if weight_fn is not None else None
         )
-        if weight_fn is not None and rest:
-            raise ValueError(
-                f"weighted group gradients need a layer rule for every parameter; no rule "
-                f"covers {rest[:3]}"
-            )
+        if weight_fn is not None and rest:  # an input layout no rule takes (capture time)
+            raise UncoveredParams(rest)
+        w = weight_fn(logits[0], ys) if weight_fn is not None else None
         for f in factors:
             _add_layer(outs[0], f, slot, c, projector, offsets)
-            if weight_fn is not None:
-                _add_layer(outs[1], f.scaled(weight_fn(logits[0], ys)), slot, c, projector, offsets)
+            if w is not None:
+                _add_layer(outs[1], f.scaled(w), slot, c, projector, offsets)
     out = outs[0]
     if rest:
         sub_params = {nm: params[nm] for nm in rest}
@@ -281,6 +279,16 @@ def _factored_chunk(
                 out[:, offsets[nm] : offsets[nm] + nmel] += g[:, o : o + nmel]
                 o += nmel
     return out if weight_fn is None else (out, outs[1])
+
+
+class UncoveredParams(ValueError):
+    """Weighted group gradients need a layer rule for every selected parameter."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(
+            f"weighted group gradients need a layer rule for every parameter; no rule "
+            f"covers {names[:3]}"
+        )
 
 
 def _add_layer(out: torch.Tensor, f, slot: torch.Tensor, c: int, projector, offsets) -> None:
@@ -476,8 +484,9 @@ def iter_weighted_group_gradients(
     cross-entropy), so one capture pass replaces two. Factored backend only.
 
     Raises:
-        ValueError: a selected parameter has no layer rule (use two
-            :func:`iter_group_gradients` passes instead; :func:`split_params` tells).
+        UncoveredParams: (a ValueError, before the first chunk is yielded) a selected
+            parameter has no layer rule, or an input layout its rule does not take; use two
+            :func:`iter_group_gradients` passes instead.
 
     Yields:
         (groups (c,) long, plain (c, d), weighted (c, d)).
@@ -486,10 +495,7 @@ def iter_weighted_group_gradients(
         params = select_params(model)
     rest = split_params(model, params)
     if rest:
-        raise ValueError(
-            f"weighted group gradients need a layer rule for every parameter; no rule "
-            f"covers {rest[:3]}"
-        )
+        raise UncoveredParams(rest)
     yield from _iter_factored(
         model, x, y, group_ids, k, fn, params, projector, max_points, max_elems, weight_fn
     )

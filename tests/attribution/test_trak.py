@@ -210,3 +210,21 @@ def test_group_kernel_one_capture_pass_equals_two_passes(structure, monkeypatch)
     assert calls  # the one-pass path ran
     two = TRAK(backend="vmap", **kw).attribute(tiny_task(ids, 5, "mlp", n=24)).scores
     assert torch.allclose(fused, two, atol=1e-10, rtol=1e-8)
+
+
+def test_group_kernel_falls_back_to_two_passes_without_layer_rules(monkeypatch):
+    # A parameter no layer rule covers makes the one-pass iterator refuse before its first
+    # chunk (tests/attribution/test_layer_rules.py); TRAK then runs the two passes.
+    from ggda.attribution import trak as trak_mod
+    from ggda.gradients.group import UncoveredParams
+
+    def refuse(*a, **kw):
+        raise UncoveredParams(["layer.weight"])
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(trak_mod, "iter_weighted_group_gradients", refuse)
+    ids = torch.arange(24) % 5
+    kw = {"proj_dim": D, "kernel": "groups", "damping": 0.05}
+    got = TRAK(backend="factored", **kw).attribute(tiny_task(ids, 5, "mlp", n=24)).scores
+    two = TRAK(backend="vmap", **kw).attribute(tiny_task(ids, 5, "mlp", n=24)).scores
+    assert torch.allclose(got, two, atol=1e-10, rtol=1e-8)
