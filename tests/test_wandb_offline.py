@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,17 @@ def run_file(run_dir: Path) -> Path:
     return files[0]
 
 
+def _read_when_written(run_dir: Path, timeout: float = 60.0) -> dict:
+    """read_run once the run record is on disk: ``run.finish()`` in this process can return
+    before W&B's writer process has flushed the file (seen once on a loaded machine)."""
+    deadline = time.time() + timeout
+    while True:
+        run = read_run(run_file(run_dir))
+        if "id" in run or time.time() > deadline:
+            return run
+        time.sleep(0.5)
+
+
 def _ok(res):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -120,7 +132,7 @@ def test_sweep_runs_and_the_report_run_read_back_from_offline_files(tmp_path, mo
     second = rp.report(sweep, wandb=True)
     offline = sorted((sweep / "report" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and str(offline[0]) in second["wandb_dir"]  # updated, not added
-    rep = read_run(run_file(sweep / "report"))
+    rep = _read_when_written(sweep / "report")
     assert rep["id"] == rp.wandb_run_id(sweep) and rep["name"] == "report-sweep"
     assert rep["job_type"] == "report" and {"sweep:sweep", "report"} <= set(rep["tags"])
     charts = {
