@@ -1,16 +1,18 @@
 """Inner products of (group) training gradients with query gradients, per layer, factorised.
 
 TracIn without projection needs S[j, r] = <grad sum_{i in G_j} fn(z_i), grad qfn(q_r)>.
-Per layer there are two exact ways, and :func:`per_sample_inner_products` picks the cheaper
+Per layer there are three exact ways, and :func:`per_sample_inner_products` picks the cheaper
 one for each layer from its shapes, n, k and m:
 
 - ``ghost`` (linear, conv): <sum_t g_t a_t^T, sum_u g'_u a'_u^T> = sum_{t,u} (g_t.g'_u)(a_t.a'_u),
   per training point, then summed per group. Costs n m T T' (in + out): cheap for plain
-  rows (T = T' = 1), ruinous for conv layers with hundreds of positions. For an embedding
-  the analogue gathers the query gradient's rows by token id: sum_t g_t . Q_r[a_t],
-  n m T dim, never a dense vocab x dim gradient per point.
+  rows (T = T' = 1), ruinous for conv layers with hundreds of positions.
 - ``materialise``: the layer's per-group gradient (c, p_l) from the factors (one bmm per
   chunk, n T p_l flops) dotted with the query gradients (m, p_l): k m p_l + n T p_l.
+- ``sparse`` (embedding, always): a group's embedding gradient has non-zero rows only for
+  the tokens its points use, so it is held as a sparse (c, vocab dim) matrix of
+  deduplicated (group, token) rows and multiplied with the dense query gradients: at most
+  min(n T, k vocab) dim m flops, never a dense vocab x dim gradient per point.
 
 Norm layers and bias vectors are materialised (tiny). Parameters no layer rule covers use
 vmap group gradients. Nothing n x p is held: training points stream in group-aligned
@@ -32,10 +34,17 @@ from ggda.gradients.group import (
     _vmap_chunk,
     _vmap_group_fn,
     activation_elems,
+    capture_batches,
     select_params,
     warn_fallback,
 )
-from ggda.gradients.layers import LayerFactors, capture_factors, group_layer_gradients
+from ggda.gradients.layers import (
+    LayerFactors,
+    capture_factors,
+    group_layer_gradients,
+    sparse_matmul,
+    token_segments,
+)
 
 # Entries of the query side held at once (per-layer gradients or factors), and of the
 # (points x queries x T x T') position-pair tensors of the ghost form.
@@ -50,17 +59,19 @@ def _weight_numel(f: LayerFactors) -> int:
 
 
 def _plan(tf: LayerFactors, qf: LayerFactors, n: int, k: int, m: int) -> str:
-    """``ghost`` or ``materialise`` for one layer's weight, by flop count."""
+    """``ghost``, ``materialise`` or (embedding) ``sparse`` for one layer's weight.
+
+    Linear/conv by flop count; an embedding always takes the sparse form, which does the
+    work of the better of the other two (module docstring) at sparse-matmul speed.
+    """
     if tf.weight is None or tf.kind == "norm":
         return "materialise"
     t, tq = tf.positions, qf.positions
     p_w = _weight_numel(tf)
     if tf.kind == "embedding":
-        ghost = n * t * tf.g.shape[-1] * m
-        mat = k * m * p_w + n * t * tf.g.shape[-1]
-    else:
-        ghost = n * m * t * tq * (tf.a_width + tf.g.shape[-1])
-        mat = k * m * p_w + n * t * p_w
+        return "sparse"
+    ghost = n * m * t * tq * (tf.a_width + tf.g.shape[-1])
+    mat = k * m * p_w + n * t * p_w
     return "ghost" if ghost < mat else "materialise"
 
 
@@ -86,8 +97,9 @@ class _QuerySide:
                     _flat_layer(group_layer_gradients(f, slot, mq), names, mq),
                 )
                 continue
-            if f.kind == "embedding":  # (mq, vocab, dim) for row gathers by token id
-                self.emb[f.name] = group_layer_gradients(f, slot, mq)[f.weight]
+            if f.kind == "embedding":  # (vocab dim, mq): the sparse product's right side
+                qe = group_layer_gradients(f, slot, mq)[f.weight]
+                self.emb[f.name] = qe.reshape(mq, -1).T.contiguous()
             else:
                 self.ghost[f.name] = f
             if f.bias is not None:
@@ -109,17 +121,31 @@ def _ghost_weight(tf: LayerFactors, qf: LayerFactors) -> torch.Tensor:
     return torch.cat(rows, 0)
 
 
-def _ghost_embedding(tf: LayerFactors, q: torch.Tensor) -> torch.Tensor:
-    """(N, mq) sum_t g_t . Q_r[a_t] with Q (mq, vocab, dim): rows gathered by token id."""
-    n, t, dim = tf.g.shape
-    mq = q.shape[0]
-    qt = q.permute(1, 2, 0)  # (vocab, dim, mq)
-    step = max(1, PAIR_ELEMS // max(1, t * dim * mq))
-    rows = []
-    for s in range(0, n, step):
-        gathered = qt[tf.a[s : s + step]]  # (n_s, T, dim, mq)
-        rows.append(torch.einsum("ntd,ntdm->nm", tf.g[s : s + step], gathered))
-    return torch.cat(rows, 0)
+def _sparse_embedding(
+    tf: LayerFactors, slot: torch.Tensor, rows: int, q: torch.Tensor
+) -> torch.Tensor:
+    """(rows, mq) <sum_{i in G_j, t} e_{a_it} g_it^T, Q_r>, the group gradients held sparse.
+
+    A group's embedding gradient has a non-zero row only for the tokens its points use:
+    the (group, token) pairs are deduplicated (their output gradients summed), laid out as
+    a CSR matrix (rows, vocab dim) and multiplied with the dense query side q
+    (vocab dim, mq). Flops: nnz x mq, nnz <= min(N T, rows vocab) dim, i.e. the ghost
+    form's work with repeated tokens merged and padding dropped. On the BBC text net
+    (n = 1,625, T = 256, m = 50) 0.26 s against 4.7 s for gathering Q's rows by token id
+    and 0.6 s for dense per-point gradients.
+    """
+    vocab, dim = tf.module.weight.shape
+    row, tok, vals = token_segments(tf, slot, tf.g)
+    cols = torch.arange(dim, device=tok.device)
+    # entry (row, tok * dim + e) for each pair and embedding column e: already row-major
+    return sparse_matmul(
+        row.repeat_interleave(dim),
+        (tok[:, None] * dim + cols).reshape(-1),
+        vals.reshape(-1),
+        (rows, vocab * dim),
+        q,
+        ordered=True,
+    )
 
 
 def per_sample_inner_products(
@@ -211,27 +237,24 @@ def per_sample_inner_products(
                 vmap_budget,
             )
         for groups, members in _chunks_by_size(group_ids, kk, budget, max_groups):
-            c, s = members.shape
-            valid = members >= 0
-            idx = members[valid]
-            slot_all = torch.arange(c)[:, None].expand(c, s)[valid].to(dev)
+            c = members.shape[0]
             acc = torch.zeros(c, mq, dtype=dtype, device=dev)
-            for st in range(0, idx.numel(), budget):
-                sub, slot = idx[st : st + budget], slot_all[st : st + budget]
+            for sub, lo, rows, slot in capture_batches(members, budget, dev):
                 tfactors, _ = capture_factors(model, params, x[sub].to(dev), y[sub].to(dev), fn)
+                part = acc[lo : lo + rows]
                 for f in tfactors:
                     if f.name in qside.mat:
                         names, qmat = qside.mat[f.name]
-                        gmat = _flat_layer(group_layer_gradients(f, slot, c), names, c)
-                        acc += gmat @ qmat.T
+                        gmat = _flat_layer(group_layer_gradients(f, slot, rows), names, rows)
+                        part += gmat @ qmat.T
                         continue
                     if f.kind == "embedding":
-                        per = _ghost_embedding(f, qside.emb[f.name])
-                    else:
-                        per = _ghost_weight(f, qside.ghost[f.name])
+                        part += _sparse_embedding(f, slot, rows, qside.emb[f.name])
+                        continue
+                    per = _ghost_weight(f, qside.ghost[f.name])
                     if f.bias is not None:
                         per = per + f.g.sum(1) @ qside.bias[f.name].T
-                    acc.index_add_(0, slot, per)
+                    part.index_add_(0, slot, per)
             if rest:
                 g = _vmap_chunk(vm_fn, rest_params, x, y, members, vmap_budget)
                 acc += g @ q_rest.T

@@ -27,6 +27,7 @@ tensor whose gradient is read).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -505,6 +506,59 @@ def group_layer_gradients(f: LayerFactors, slot: torch.Tensor, c: int) -> dict[s
         per = g.sum(1)
         out[f.bias] = per.new_zeros(c, per.shape[1]).index_add_(0, slot, per)
     return out
+
+
+def token_segments(
+    f: LayerFactors, slot: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum an embedding layer's per-position ``values`` over each (group, token) pair.
+
+    A group's embedding gradient (and anything linear in it) has non-zero rows only for
+    the tokens its points use; this is its sparse form.
+
+    Args:
+        f: embedding factors over N points (``f.a`` (N, T) token ids).
+        slot: (N,) group (row) of each point.
+        values: (N, T, w) per-position values, e.g. ``f.g`` or ``f.g @ P``.
+
+    Returns:
+        row (U,), tok (U,) in (row, tok) order, sums (U, w): one entry per distinct pair,
+        padding positions dropped (their gradient is zero).
+    """
+    vocab = f.module.weight.shape[0]
+    ids, vals = f.a.reshape(-1), values.reshape(-1, values.shape[-1])
+    owner = slot[:, None].expand(f.a.shape).reshape(-1)
+    pad = f.module.padding_idx
+    if pad is not None:
+        keep = ids != pad
+        ids, vals, owner = ids[keep], vals[keep], owner[keep]
+    uk, inv = torch.unique(owner * vocab + ids, return_inverse=True)  # sorted keys
+    sums = vals.new_zeros(uk.numel(), vals.shape[1]).index_add_(0, inv, vals)
+    return uk // vocab, uk % vocab, sums
+
+
+def sparse_matmul(
+    row: torch.Tensor,
+    col: torch.Tensor,
+    vals: torch.Tensor,
+    shape: tuple[int, int],
+    dense: torch.Tensor,
+    ordered: bool = False,
+) -> torch.Tensor:
+    """S @ dense for the sparse S (shape) with entries S[row, col] = vals (distinct pairs).
+
+    Built as CSR (sparse times dense runs at matmul speed on CPU and CUDA); ``ordered``
+    says the entries are already in (row, col) order.
+    """
+    if not ordered:
+        order = torch.argsort(row * shape[1] + col)
+        row, col, vals = row[order], col[order], vals[order]
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=row.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=shape[0]), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        mat = torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
+        return mat @ dense
 
 
 def _conv_group_weight_grad(f: LayerFactors, slot: torch.Tensor, c: int) -> torch.Tensor:

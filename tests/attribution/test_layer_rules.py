@@ -324,3 +324,56 @@ def test_weighted_pair_refuses_parameters_without_a_rule():
                 net, x, torch.arange(4) % 3, torch.arange(4), 4, margin, loss_weight
             )
         )
+
+
+@pytest.mark.parametrize(
+    "sizes,budget",
+    [([3, 3, 3, 3], 7), ([4, 2, 2, 1, 0], 4), ([5, 3], 2), ([1] * 6, 4)],
+    ids=["equal", "unequal", "group_over_budget", "singletons"],
+)
+def test_capture_batches_cover_each_point_once(sizes, budget):
+    from ggda.gradients.group import capture_batches
+
+    s = max(max(sizes), 1)
+    members = torch.full((len(sizes), s), -1)
+    nxt = 0
+    for r, z in enumerate(sizes):
+        members[r, :z] = torch.arange(nxt, nxt + z)
+        nxt += z
+    seen = []
+    for pts, lo, rows, slot in capture_batches(members, budget, torch.device("cpu")):
+        assert 0 < pts.numel() <= budget and pts.shape == slot.shape
+        assert lo >= 0 and lo + rows <= len(sizes)
+        assert bool((slot >= 0).all() and (slot < rows).all())
+        for p, sl in zip(pts.tolist(), slot.tolist(), strict=True):  # each point in its row
+            assert p in members[lo + sl].tolist()
+        if max(sizes) <= budget:  # whole groups per batch: no group split across batches
+            assert sum(sizes[lo : lo + rows]) == pts.numel()
+        seen += pts.tolist()
+    assert sorted(seen) == list(range(sum(sizes)))
+
+
+@pytest.mark.parametrize("kind", SHIPPED)
+def test_small_capture_batches_equal_loop(kind, monkeypatch):
+    """Capture batches of 2 points split groups (sizes 1-4) across batches: same sums."""
+    import ggda.gradients.group as group_mod
+    from ggda.gradients.projection import KroneckerProjector
+
+    net, x, y = _shipped(kind)
+    params = select_params(net)
+    per_point = group_mod.factor_elems(net, params, x[:1], y[:1], per_example_loss)
+    monkeypatch.setattr(group_mod, "FACTOR_ELEMS", 2 * per_point)
+    ids = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 3])
+    ids = ids.clone().index_put_((torch.tensor([6]),), torch.tensor(2))  # sizes 1, 2, 4, 2
+    ref = group_gradients(net, x, y, ids, 4, per_example_loss, backend="loop")
+    got = group_gradients(net, x, y, ids, 4, per_example_loss, backend="factored")
+    assert torch.allclose(got, ref, atol=1e-11)
+    proj = KroneckerProjector(net, params, 24, seed=5)
+    kr = group_gradients(net, x, y, ids, 4, per_example_loss, projector=proj, backend="factored")
+    assert torch.allclose(kr, proj(ref), atol=1e-11)
+    qx, qy = x[:3], (y[:3] + 1) % 3
+    q = _brute(net, qx, qy, neg_loss)
+    ip = per_sample_inner_products(
+        net, x, y, per_example_loss, qx, qy, neg_loss, chunk=2, group_ids=ids, k=4
+    )
+    assert torch.allclose(ip, ref @ q.T, atol=1e-11)
