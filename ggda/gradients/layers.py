@@ -537,18 +537,17 @@ def token_segments(
     return uk // vocab, uk % vocab, sums
 
 
-def sparse_matmul(
+def sparse_csr(
     row: torch.Tensor,
     col: torch.Tensor,
     vals: torch.Tensor,
     shape: tuple[int, int],
-    dense: torch.Tensor,
     ordered: bool = False,
 ) -> torch.Tensor:
-    """S @ dense for the sparse S (shape) with entries S[row, col] = vals (distinct pairs).
+    """The sparse matrix (shape) with entries S[row, col] = vals (distinct pairs), as CSR.
 
-    Built as CSR (sparse times dense runs at matmul speed on CPU and CUDA); ``ordered``
-    says the entries are already in (row, col) order.
+    CSR times dense runs at matmul speed on CPU and CUDA; ``ordered`` says the entries
+    are already in (row, col) order.
     """
     if not ordered:
         order = torch.argsort(row * shape[1] + col)
@@ -557,8 +556,19 @@ def sparse_matmul(
     crow[1:] = torch.cumsum(torch.bincount(row, minlength=shape[0]), 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        mat = torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
-        return mat @ dense
+        return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
+
+
+def sparse_matmul(
+    row: torch.Tensor,
+    col: torch.Tensor,
+    vals: torch.Tensor,
+    shape: tuple[int, int],
+    dense: torch.Tensor,
+    ordered: bool = False,
+) -> torch.Tensor:
+    """S @ dense for S = :func:`sparse_csr` (row, col, vals, shape)."""
+    return sparse_csr(row, col, vals, shape, ordered) @ dense
 
 
 def _conv_group_weight_grad(f: LayerFactors, slot: torch.Tensor, c: int) -> torch.Tensor:

@@ -202,6 +202,12 @@ def test_inner_products_choose_per_layer_form():
     assert plans["body.0"] == "materialise" and plans["fc"] == "ghost"
     # few groups: materialising the (k, p) group gradients beats n m (in + out)
     assert _plan(tf[-1], tf[-1], 100_000, 10, 1000) == "materialise"
+    # embedding: sparse group gradients for many groups, dense ones for few
+    net, x, y = _shipped("text")
+    (emb, *_), _ = capture_factors(net, select_params(net), x[:1], y[:1], per_example_loss)
+    assert emb.kind == "embedding"
+    assert _plan(emb, emb, 10_000, 10_000, 1000) == "sparse"
+    assert _plan(emb, emb, 10_000, 10, 1000) == "dense_groups"
 
 
 class _Scaled(nn.Module):
@@ -363,6 +369,7 @@ def test_small_capture_batches_equal_loop(kind, monkeypatch):
     params = select_params(net)
     per_point = group_mod.factor_elems(net, params, x[:1], y[:1], per_example_loss)
     monkeypatch.setattr(group_mod, "FACTOR_ELEMS", 2 * per_point)
+    monkeypatch.setattr("ggda.gradients.inner.GROUP_ELEMS", 50)  # dense blocks of 1 group
     ids = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 3])
     ids = ids.clone().index_put_((torch.tensor([6]),), torch.tensor(2))  # sizes 1, 2, 4, 2
     ref = group_gradients(net, x, y, ids, 4, per_example_loss, backend="loop")
@@ -377,3 +384,30 @@ def test_small_capture_batches_equal_loop(kind, monkeypatch):
         net, x, y, per_example_loss, qx, qy, neg_loss, chunk=2, group_ids=ids, k=4
     )
     assert torch.allclose(ip, ref @ q.T, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", SHIPPED)
+@pytest.mark.parametrize("held", [False, True], ids=["pass_per_query_batch", "held_groups"])
+def test_query_batches_equal_explicit_dots(kind, held, monkeypatch):
+    """Queries in several batches: one training pass per batch, or (few groups) the
+    (k, p) group gradients held and the query gradients streamed past them."""
+    import ggda.gradients.inner as inner_mod
+
+    net, x, y = _shipped(kind)
+    monkeypatch.setattr(inner_mod, "QUERY_ELEMS", 1)  # one query per batch
+    monkeypatch.setattr(inner_mod, "HELD_ELEMS", 10**9 if held else 0)
+    calls = []
+    real = inner_mod.group_gradients
+    monkeypatch.setattr(
+        inner_mod, "group_gradients", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    ids = _ids(9, 3, seed=4)
+    qx, qy = x[:5], (y[:5] + 2) % 3
+    ref = torch.zeros(3, 5, dtype=torch.float64).index_add_(
+        0, ids, _brute(net, x, y, per_example_loss) @ _brute(net, qx, qy, neg_loss).T
+    )
+    got = per_sample_inner_products(
+        net, x, y, per_example_loss, qx, qy, neg_loss, group_ids=ids, k=3
+    )
+    assert torch.allclose(got, ref, atol=1e-11)
+    assert len(calls) == (1 if held else 0)
