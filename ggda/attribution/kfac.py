@@ -186,22 +186,28 @@ class KroneckerFactors:
         if v.shape[1] != sum(sizes):
             raise GGDAError(f"vectors have {v.shape[1]} entries, the factors {sum(sizes)}")
         dev = self.blocks[0].ls.device if self.blocks else v.device
-        parts = dict(zip(self.names, torch.split(v.to(dev, torch.float64), sizes, 1), strict=True))
+        # The factors are fitted and eigendecomposed in float64; applying them (orthogonal
+        # rotations and a division) in the vectors' own dtype keeps float32 precision and
+        # halves the cost (on the text net it was 85 % of IF's time at m = 1,000).
+        dt = v.dtype
+        parts = dict(zip(self.names, torch.split(v.to(dev), sizes, 1), strict=True))
         out: dict[str, torch.Tensor] = {}
         for b in self.blocks:
             lam = self._lambda(b.eigenvalues(ekfac), damping, mode)
-            ev = b.eigenvalues(ekfac) + lam
+            ev = (b.eigenvalues(ekfac) + lam).to(dt)
+            qs = b.qs.to(dt)
             if b.kind == "embedding":  # (r, V, D); Q_A = I
                 m = parts[b.weight].reshape(r, b.out_dim, b.in_dim)
-                out[b.weight] = ((m @ b.qs) / ev) @ b.qs.T
+                out[b.weight] = ((m @ qs) / ev) @ qs.T
                 continue
+            qa = b.qa.to(dt)
             cols = []
             if b.weight is not None:
                 cols.append(parts[b.weight].reshape(r, b.out_dim, -1))
             if b.bias is not None:
                 cols.append(parts[b.bias].reshape(r, b.out_dim, 1))
             m = torch.cat(cols, 2)  # (r, out, in~)
-            m = b.qs @ ((b.qs.T @ m @ b.qa) / ev) @ b.qa.T
+            m = qs @ ((qs.T @ m @ qa) / ev) @ qa.T
             if b.weight is not None:
                 w_in = b.in_dim - (b.bias is not None)
                 out[b.weight] = m[:, :, :w_in]
@@ -209,7 +215,7 @@ class KroneckerFactors:
                 out[b.bias] = m[:, :, -1]
         for name, d in self.diag.items():
             dd = d.reshape(1, -1)
-            out[name] = parts[name] / (dd + self._lambda(dd, damping, mode))
+            out[name] = parts[name] / (dd + self._lambda(dd, damping, mode)).to(dt)
         missing = [k for k in self.names if k not in out]
         if missing:
             raise GGDAError(f"no preconditioner for parameters {missing}")
