@@ -130,6 +130,17 @@ class InfluenceFunction(GradientAttributor):
         return self.solver in KFAC_SOLVERS
 
     @property
+    def symmetric_preconditioner(self) -> bool:  # type: ignore[override]
+        """Whether the train side may be preconditioned instead of the queries.
+
+        The damped Hessian is symmetric, but only a solver that is linear in its
+        right-hand side gives the same scores either way: the explicit inverse and the
+        (EK-)FAC ones, not a fixed number of CG steps (CG's iterates depend non-linearly on
+        the right-hand side), nor LiSSA's (kept on the query side for one convention).
+        """
+        return self.solver in ("explicit", *KFAC_SOLVERS)
+
+    @property
     def timing_keys(self) -> dict[str, str]:  # type: ignore[override]
         """The factors (kfac/ekfac) or the Hessian operator's setup, then the usual phases."""
         return {
@@ -183,7 +194,12 @@ class InfluenceFunction(GradientAttributor):
         return step.state.solve(v)
 
     def precondition(self, step: Step, qg: torch.Tensor) -> torch.Tensor:
-        """u_q = (1/n) (H + lambda I)^{-1} grad f_q: (r, p), m solves in all (never k)."""
+        """u_q = (1/n) (H + lambda I)^{-1} grad f_q: (r, p), min(k, m) solves in all.
+
+        The damped Hessian (and its K-FAC forms) is symmetric, so with fewer groups than
+        queries the loop applies this to the group gradients instead
+        (:meth:`~ggda.attribution.loop.GradientAttributor.train_side_preconditioned`).
+        """
         return self._inverse(step, qg) / step.task.y_train.shape[0]
 
     def self_train_scores(self, step: Step, g: torch.Tensor) -> torch.Tensor:

@@ -391,13 +391,16 @@ class FactorFitter:
                         acc[lf.name] = {"lf": lf, "A": None, "S": None, "cnt": 0.0}
                         order.append(lf.name)
                     st = acc[lf.name]
-                    g = lf.g.detach().to(f64)
+                    # products in the net's dtype, sums over chunks in float64 (the
+                    # float64 products were half the fit's time on the CNN)
+                    g = lf.g.detach()
                     if lf.kind == "norm":  # diagonal: per-example gradients from the factors
                         if lf.weight is not None:
-                            gw = (g * lf.a.to(f64)).sum(1)
-                            diag[lf.weight] = diag.get(lf.weight, 0) + (gw**2).sum(0)
+                            gw = (g * lf.a.to(g)).sum(1)
+                            diag[lf.weight] = diag.get(lf.weight, 0) + (gw**2).sum(0).to(f64)
                         if lf.bias is not None:
-                            diag[lf.bias] = diag.get(lf.bias, 0) + (g.sum(1) ** 2).sum(0)
+                            sq = (g.sum(1) ** 2).sum(0).to(f64)
+                            diag[lf.bias] = diag.get(lf.bias, 0) + sq
                         continue
                     if lf.kind == "embedding":
                         ids = lf.a.reshape(-1)
@@ -408,13 +411,14 @@ class FactorFitter:
                             st["A"] = cnt.to(f64) + (0 if st["A"] is None else st["A"])
                             st["cnt"] += float(ok.sum())
                         gg = g.reshape(-1, g.shape[-1])[ok]
-                        st["S"] = gg.T @ gg + (0 if st["S"] is None else st["S"])
+                        st["S"] = (gg.T @ gg).to(f64) + (0 if st["S"] is None else st["S"])
                         continue
                     gg = g.reshape(-1, g.shape[-1])
-                    st["S"] = gg.T @ gg + (0 if st["S"] is None else st["S"])
+                    st["S"] = (gg.T @ gg).to(f64) + (0 if st["S"] is None else st["S"])
                     if ci == 0:
-                        at = self._tilde(lf).to(f64).reshape(-1, self._tilde(lf).shape[-1])
-                        st["A"] = at.T @ at + (0 if st["A"] is None else st["A"])
+                        at = self._tilde(lf).to(g)
+                        at = at.reshape(-1, at.shape[-1])
+                        st["A"] = (at.T @ at).to(f64) + (0 if st["A"] is None else st["A"])
                         st["cnt"] += float(lf.g.shape[0] * lf.g.shape[1])
                 if uncovered:
                     for k, v in self._uncovered_sq(uncovered, xb, col).items():
@@ -479,18 +483,19 @@ class FactorFitter:
                     b = by_name.get(lf.name)
                     if b is None:
                         continue
-                    gs = lf.g.detach().to(torch.float64) @ b.qs  # (N, T, out) in S's basis
+                    g = lf.g.detach()  # rotations in the net's dtype, sums in float64
+                    gs = g @ b.qs.to(g)  # (N, T, out) in S's basis
                     if b.kind == "embedding":
-                        ev[b.name] += _embedding_sq(lf.a, gs, b.out_dim)
+                        ev[b.name] += _embedding_sq(lf.a, gs, b.out_dim).to(torch.float64)
                         continue
-                    at = self._tilde(lf).to(torch.float64) @ b.qa  # (N, T, in~)
+                    at = self._tilde(lf).to(g) @ b.qa.to(g)  # (N, T, in~)
                     if at.shape[1] == 1:  # sum_i (gs_i as_i^T)^2 = (gs^2)^T (as^2)
-                        ev[b.name] += (gs[:, 0] ** 2).T @ (at[:, 0] ** 2)
+                        ev[b.name] += ((gs[:, 0] ** 2).T @ (at[:, 0] ** 2)).to(torch.float64)
                         continue
                     step = max(1, _EK_ELEMS // (b.out_dim * b.in_dim))
                     for s in range(0, gs.shape[0], step):
                         gi = torch.einsum("nto,nti->noi", gs[s : s + step], at[s : s + step])
-                        ev[b.name] += (gi**2).sum(0)
+                        ev[b.name] += (gi**2).sum(0).to(torch.float64)
         for b in blocks:
             b.ev = ev[b.name] / self.n
 

@@ -205,7 +205,7 @@ def _vmap_chunk(per_group, params, x, y, members: torch.Tensor, budget: int) -> 
     return total
 
 
-def _factored_chunk(
+def _factored_pieces(
     model: nn.Module,
     params: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -214,23 +214,30 @@ def _factored_chunk(
     fn: Fn,
     budget: int,
     vmap_budget: int,
+    piece_rows: int,
     projector=None,
     weight_fn: Fn | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Summed gradients (c, p) [or Kronecker-projected (c, d)] of the groups in members.
+) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """Summed gradients [or Kronecker-projected ones] of the groups in members, in pieces.
 
     The chunk's real points go through batched capture passes of at most ``budget``
-    points (:func:`capture_factors`); each layer's group gradients are segment sums of its
-    factors (:func:`group_layer_gradients`), written in place into one (c, p) buffer. With
-    a :class:`KroneckerProjector` the factors are projected first and the buffer is (c, d).
-    Parameters no rule covers come from the vmap path over the same groups.
+    points (:func:`capture_factors`, :func:`capture_batches`); each layer's group
+    gradients are segment sums of its factors (:func:`group_layer_gradients`), written in
+    place into a (rows, p) buffer of at most ``piece_rows`` groups (with a
+    :class:`KroneckerProjector` the factors are projected first and the buffer is
+    (rows, d)). So the capture batch is as large as the factors' memory allows while the
+    output stays small: on the CNN, per-sample gradients in capture batches of 9 points
+    (the output bound) were 4x slower than one pass. Parameters no rule covers come from
+    the vmap path over the same groups.
 
     With ``weight_fn`` (w_i = weight_fn(logits_i, y_i), taken as constants), also the
     weighted sums grad sum_{i in G} w_i fn(z_i) from the same capture pass (the factors'
-    output gradients times w_i): returns (plain, weighted). Needs every selected parameter
-    covered by a layer rule.
+    output gradients times w_i). Needs every selected parameter covered by a layer rule.
+
+    Yields:
+        (r0, r1, outs): rows [r0, r1) of members; outs = [plain (r1 - r0, width)] or
+        [plain, weighted].
     """
-    c = members.shape[0]
     p0 = next(iter(params.values()))
     kron = isinstance(projector, KroneckerProjector)
     if kron:
@@ -242,10 +249,35 @@ def _factored_chunk(
             offsets[nm] = off
             off += v.numel()
         width = off
-    outs = [torch.zeros(c, width, dtype=p0.dtype, device=p0.device)]
-    if weight_fn is not None:
-        outs.append(torch.zeros(c, width, dtype=p0.dtype, device=p0.device))
-    rest: list[str] = []
+    sizes = (members >= 0).sum(1).tolist()
+    n_out = 1 if weight_fn is None else 2
+
+    def new(rows: int) -> list[torch.Tensor]:
+        return [torch.zeros(rows, width, dtype=p0.dtype, device=p0.device) for _ in range(n_out)]
+
+    def add(outs, factors, w, slot, rows) -> None:
+        for f in factors:
+            _add_layer(outs[0], f, slot, rows, projector, offsets)
+            if w is not None:
+                _add_layer(outs[1], f.scaled(w), slot, rows, projector, offsets)
+
+    def add_rest(outs, rest, r0, r1) -> None:
+        if not rest:
+            return
+        sub_params = {nm: params[nm] for nm in rest}
+        g = _vmap_chunk(_vmap_group_fn(model, fn), sub_params, x, y, members[r0:r1], vmap_budget)
+        if kron:
+            bi = projector.name_block[rest[0]]
+            o = projector.starts[bi]
+            outs[0][:, o : o + projector.blocks[bi].dim] += projector.project_dense(bi, g)
+            return
+        o = 0
+        for nm in rest:
+            nmel = params[nm].numel()
+            outs[0][:, offsets[nm] : offsets[nm] + nmel] += g[:, o : o + nmel]
+            o += nmel
+
+    split: list = []  # [row, outs, points seen, rest] of a group split over batches
     for sub, lo, rows, slot in capture_batches(members, budget, p0.device):
         xs, ys = x[sub].to(p0.device), y[sub].to(p0.device)
         logits: list[torch.Tensor] = []
@@ -255,25 +287,30 @@ def _factored_chunk(
         if weight_fn is not None and rest:  # an input layout no rule takes (capture time)
             raise UncoveredParams(rest)
         w = weight_fn(logits[0], ys) if weight_fn is not None else None
-        for f in factors:
-            _add_layer(outs[0][lo : lo + rows], f, slot, rows, projector, offsets)
-            if w is not None:
-                _add_layer(outs[1][lo : lo + rows], f.scaled(w), slot, rows, projector, offsets)
-    out = outs[0]
-    if rest:
-        sub_params = {nm: params[nm] for nm in rest}
-        g = _vmap_chunk(_vmap_group_fn(model, fn), sub_params, x, y, members, vmap_budget)
-        if kron:
-            bi = projector.name_block[rest[0]]
-            o = projector.starts[bi]
-            out[:, o : o + projector.blocks[bi].dim] += projector.project_dense(bi, g)
-        else:
-            o = 0
-            for nm in rest:
-                nmel = params[nm].numel()
-                out[:, offsets[nm] : offsets[nm] + nmel] += g[:, o : o + nmel]
-                o += nmel
-    return out if weight_fn is None else (out, outs[1])
+        if sizes[lo] > budget:  # one group over several batches: accumulate, then emit
+            if not split:
+                split = [lo, new(1), 0, rest]
+            add(split[1], factors, w, slot, 1)
+            split[2] += sub.numel()
+            if split[2] == sizes[lo]:
+                add_rest(split[1], split[3], lo, lo + 1)
+                yield lo, lo + 1, split[1]
+                split = []
+            continue
+        for r0 in range(0, rows, piece_rows):
+            r1 = min(rows, r0 + piece_rows)
+            if r0 == 0 and r1 == rows:
+                fs, ws, sl = factors, w, slot
+            else:  # slot is sorted: the piece's points are one contiguous range
+                q0, q1 = torch.searchsorted(slot, torch.tensor([r0, r1], device=slot.device))
+                q0, q1 = int(q0), int(q1)
+                fs = [f.select(q0, q1) for f in factors]
+                ws = w[q0:q1] if w is not None else None
+                sl = slot[q0:q1] - r0
+            outs = new(r1 - r0)
+            add(outs, fs, ws, sl, r1 - r0)
+            add_rest(outs, rest, lo + r0, lo + r1)
+            yield lo + r0, lo + r1, outs
 
 
 def capture_batches(
@@ -461,7 +498,7 @@ def _iter_factored(
     max_elems: int,
     weight_fn: Fn | None,
 ) -> Iterator[tuple]:
-    """The factored backend's chunks, projected (see :func:`_factored_chunk`).
+    """The factored backend's chunks, projected (see :func:`_factored_pieces`).
 
     Yields (groups, grads), or (groups, grads, weighted grads) with ``weight_fn``.
     """
@@ -484,14 +521,12 @@ def _iter_factored(
     if weight_fn is not None:
         f_groups = max(1, f_groups // 2)  # two outputs per chunk
     dense = projector is not None and not kron
-    for groups, members in _chunks_by_size(group_ids, k, max(max_points, budget), f_groups):
-        out = _factored_chunk(
-            model, params, x, y, members, fn, budget, vmap_budget, projector, weight_fn
-        )
-        if weight_fn is None:
-            yield groups, projector(out) if dense else out
-        else:
-            yield (groups, *(projector(o) if dense else o for o in out))
+    # chunks as large as one capture batch; the output comes in pieces of f_groups rows
+    for groups, members in _chunks_by_size(group_ids, k, max(max_points, budget), k):
+        for r0, r1, outs in _factored_pieces(
+            model, params, x, y, members, fn, budget, vmap_budget, f_groups, projector, weight_fn
+        ):
+            yield (groups[r0:r1], *(projector(o) if dense else o for o in outs))
 
 
 def iter_weighted_group_gradients(

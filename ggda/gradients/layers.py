@@ -89,6 +89,14 @@ class LayerFactors:
             self.name, self.module, self.kind, self._a, g, self.weight, self.bias, uses
         )
 
+    def select(self, p0: int, p1: int) -> LayerFactors:
+        """The factors of points [p0, p1) (views; conv patches stay lazy)."""
+        uses = [(x[p0:p1], gout[p0:p1]) for x, gout in self.conv_uses] if self.conv_uses else None
+        a = self._a[p0:p1] if self._a is not None else None
+        return LayerFactors(
+            self.name, self.module, self.kind, a, self.g[p0:p1], self.weight, self.bias, uses
+        )
+
     @property
     def a(self) -> torch.Tensor:
         """The layer-input factor (see the class docstring); conv patches on first use."""

@@ -236,3 +236,33 @@ def test_cli_end_to_end(tmp_path):
     scores = torch.load(run / "scores.pt")
     assert scores.shape == (metrics["attribution/k"], metrics["attribution/m"])
     assert torch.isfinite(scores).all() and "lds/point/mean" in metrics
+
+
+@pytest.mark.parametrize("solver", ["explicit", "kfac", "ekfac"])
+def test_fewer_groups_than_queries_precondition_the_groups(solver, monkeypatch):
+    """k < m: the k group gradients are preconditioned instead of the m queries (A is
+    symmetric); the scores equal the query-side ones and M^T the per-sample scores."""
+    from ggda.attribution.loop import GradientAttributor
+
+    n, k = 24, 3
+    ids = torch.arange(n) % k
+    method = InfluenceFunction(solver=solver, damping=0.05)
+    task = tiny_task(ids, k, kind="mlp", n=n)
+    assert task.queries.m > k
+    calls = []
+    real = InfluenceFunction.precondition
+    monkeypatch.setattr(
+        InfluenceFunction,
+        "precondition",
+        lambda self, step, v: calls.append(v.shape[0]) or real(self, step, v),
+    )
+    got = method.attribute(task).scores
+    assert calls == [k]  # one preconditioning, of the k groups
+    monkeypatch.setattr(GradientAttributor, "train_side_preconditioned", lambda self, step: False)
+    calls.clear()
+    ref = method.attribute(tiny_task(ids, k, kind="mlp", n=n)).scores
+    assert calls == [task.queries.m]
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+    per = method.attribute(tiny_task(torch.arange(n), n, kind="mlp", n=n)).scores
+    summed = torch.zeros(k, per.shape[1], dtype=per.dtype).index_add_(0, ids, per)
+    assert torch.allclose(got, summed, rtol=1e-8, atol=1e-12)

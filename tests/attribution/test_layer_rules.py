@@ -411,3 +411,44 @@ def test_query_batches_equal_explicit_dots(kind, held, monkeypatch):
     )
     assert torch.allclose(got, ref, atol=1e-11)
     assert len(calls) == (1 if held else 0)
+
+
+@pytest.mark.parametrize("kind", SHIPPED)
+def test_output_pieces_of_one_capture_batch_equal_loop(kind, monkeypatch):
+    """One capture batch of all points, its output in pieces of one group: same sums,
+    plain, Kronecker-projected and weighted (the factors sliced per piece)."""
+    import ggda.gradients.group as group_mod
+    from ggda.gradients import iter_weighted_group_gradients
+    from ggda.gradients.projection import KroneckerProjector
+
+    net, x, y = _shipped(kind)
+    monkeypatch.setattr(group_mod, "FACTORED_CHUNK_ELEMS", 1)  # pieces of one row
+    ids = _ids(9, 4, seed=6)
+    ref = group_gradients(net, x, y, ids, 4, margin, backend="loop")
+    pieces = list(group_mod.iter_group_gradients(net, x, y, ids, 4, margin, backend="factored"))
+    assert len(pieces) == 4 and all(g.shape[0] == 1 for _, g in pieces)
+    got = group_gradients(net, x, y, ids, 4, margin, backend="factored")
+    assert torch.allclose(got, ref, atol=1e-11)
+    proj = KroneckerProjector(net, select_params(net), 24, seed=2)
+    monkeypatch.setattr(group_mod, "FACTORED_CHUNK_ELEMS", 10**9)
+    kr = group_gradients(net, x, y, ids, 4, margin, projector=proj, backend="factored",
+                         max_elems=proj.d)  # fmt: skip
+    assert torch.allclose(kr, proj(ref), atol=1e-11)
+    w_ref = torch.zeros_like(ref)
+    for j in range(4):  # weighted: grad sum_i w_i margin_i with w_i = margin_i (constants)
+        sel = (ids == j).nonzero().squeeze(1)
+        wts = margin(net(x[sel]), y[sel]).detach()
+        out = (margin(net(x[sel]), y[sel]) * wts).sum()
+        gs = torch.autograd.grad(out, list(net.parameters()), allow_unused=True)
+        w_ref[j] = torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(gs, net.parameters(), strict=True)
+        ])  # fmt: skip
+    monkeypatch.setattr(group_mod, "FACTORED_CHUNK_ELEMS", 1)
+    plain, weighted = torch.zeros_like(ref), torch.zeros_like(ref)
+    for groups, g, gw in iter_weighted_group_gradients(
+        net, x, y, ids, 4, margin, lambda lg, yy: margin(lg, yy)
+    ):
+        plain[groups], weighted[groups] = g, gw
+    assert torch.allclose(plain, ref, atol=1e-11)
+    assert torch.allclose(weighted, w_ref, atol=1e-10)
