@@ -18,9 +18,9 @@ Norm layers and bias vectors are materialised (tiny). Parameters no layer rule c
 vmap group gradients. Nothing n x p is held: training points stream in group-aligned
 chunks, each layer's (c, p_l) exists only while it is dotted. The query side is held per
 layer ((m, p_l) or its factors) and is split into batches when it exceeds
-``QUERY_ELEMS``, each batch taking one more pass over the training data, unless the
-whole (k, p) group gradients fit in ``HELD_ELEMS`` (few groups): then they are formed in
-one pass and the query gradients stream past them.
+``QUERY_ELEMS``, each batch taking one more pass over the training data, unless the held
+form is cheaper: the group gradients in blocks of ``HELD_ELEMS`` entries (one pass over
+the training data in all), the query gradients streamed past each block.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ QUERY_ELEMS = 64_000_000
 PAIR_ELEMS = 16_000_000
 # Entries of one layer's (c, p_l) per-group gradient in a chunk.
 GROUP_ELEMS = 16_000_000
-# Entries of the whole (k, p) group gradients held when the queries need several batches.
+# Entries of one block of (k_b, p) group gradients held when the queries need several
+# batches (the held form of :func:`per_sample_inner_products`).
 HELD_ELEMS = 64_000_000
 
 
@@ -276,15 +277,30 @@ def per_sample_inner_products(
     max_groups = max(1, GROUP_ELEMS // max(1, widest))
     out = torch.zeros(kk, m, dtype=dtype, device=dev)
     p_all = sum(v.numel() for v in params.values())
-    if mb < m and kk * p_all <= HELD_ELEMS:
-        # Few groups, many queries: the (k, p) group gradients from one pass over the
-        # training data, then streamed query gradients, instead of one training pass per
-        # query batch (the CNN at k = 2, m = 1,000: 4 passes, 3.5x the per-sample time).
-        held = group_gradients(model, x, y, group_ids, kk, fn, params=params, backend="factored")
-        for rows, qg in iter_group_gradients(
-            model, qx, qy, torch.arange(m), m, qfn, params=params, backend="factored"
-        ):
-            out[:, rows.to(dev)] = held @ qg.T
+    query_passes = -(-m // mb)  # training passes of the query-batch form
+    blocks = -(-kk * p_all // HELD_ELEMS)  # group blocks of the held form
+    # Held form: per block of groups, its (k_b, p) gradients from its own points (one
+    # pass over the data in all), then the query gradients streamed past it (one query
+    # pass per block; a per-sample query gradient costs ~3 training points' capture).
+    if query_passes > 1 and n + blocks * 3 * m < query_passes * n:
+        # ResNet-9, k = 1,000, m = 1,000: 7 training passes (274 s) -> 1 pass + 7 query
+        # passes; the CNN at k = 2: 4 passes, 3.5x the per-sample time -> one each.
+        per_block = -(-kk // blocks)
+        order = torch.argsort(group_ids, stable=True)
+        sizes = torch.bincount(group_ids, minlength=kk)
+        ends = torch.cumsum(sizes, 0).tolist()
+        for g0 in range(0, kk, per_block):
+            g1 = min(kk, g0 + per_block)
+            lo = ends[g0 - 1] if g0 else 0
+            pts = order[lo : ends[g1 - 1]]
+            held = group_gradients(
+                model, x[pts], y[pts], group_ids[pts] - g0, g1 - g0, fn,
+                params=params, backend="factored",
+            )  # fmt: skip
+            for rows, qg in iter_group_gradients(
+                model, qx, qy, torch.arange(m), m, qfn, params=params, backend="factored"
+            ):
+                out[g0:g1, rows.to(dev)] = held @ qg.T
         return out
     vm_fn = _vmap_group_fn(model, fn) if rest else None
     for q0 in range(0, m, mb):

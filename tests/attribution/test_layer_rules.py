@@ -387,15 +387,16 @@ def test_small_capture_batches_equal_loop(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", SHIPPED)
-@pytest.mark.parametrize("held", [False, True], ids=["pass_per_query_batch", "held_groups"])
-def test_query_batches_equal_explicit_dots(kind, held, monkeypatch):
-    """Queries in several batches: one training pass per batch, or (few groups) the
-    (k, p) group gradients held and the query gradients streamed past them."""
+@pytest.mark.parametrize("blocks", [0, 1, 2], ids=["pass_per_query_batch", "held", "held_2_blocks"])
+def test_query_batches_equal_explicit_dots(kind, blocks, monkeypatch):
+    """Queries in several batches: one training pass per batch, or the group gradients
+    held (in blocks) and the query gradients streamed past them."""
     import ggda.gradients.inner as inner_mod
 
     net, x, y = _shipped(kind)
+    p = sum(v.numel() for v in select_params(net).values())
     monkeypatch.setattr(inner_mod, "QUERY_ELEMS", 1)  # one query per batch
-    monkeypatch.setattr(inner_mod, "HELD_ELEMS", 10**9 if held else 0)
+    monkeypatch.setattr(inner_mod, "HELD_ELEMS", 2 * p if blocks == 2 else 10**9 if blocks else 1)
     calls = []
     real = inner_mod.group_gradients
     monkeypatch.setattr(
@@ -410,7 +411,7 @@ def test_query_batches_equal_explicit_dots(kind, held, monkeypatch):
         net, x, y, per_example_loss, qx, qy, neg_loss, group_ids=ids, k=3
     )
     assert torch.allclose(got, ref, atol=1e-11)
-    assert len(calls) == (1 if held else 0)
+    assert len(calls) == blocks
 
 
 @pytest.mark.parametrize("kind", SHIPPED)
