@@ -1,7 +1,11 @@
 """Where grouping pays: per-sample versus group attribution on the CNN, ResNet-9 and text nets.
 
-    python benchmarks/scale.py --out docs/results/scale            # the committed run
+    python benchmarks/scale.py --out docs/results/scale            # all three nets in one run
     python benchmarks/scale.py --device cuda --out docs/results/scale_cuda
+
+The committed CPU figures are one run per net (``--models cnn`` / ``resnet9`` / ``text``
+with ``--out docs/results/scale_<model>``; the exact commands head each file and
+``docs/results/scale.md`` reads them together).
 
 For each model (CNN on MNIST-shaped synthetic images, ResNet-9 on CIFAR-shaped synthetic
 images, the bag-of-embeddings text net on the bundled BBC News), the script trains the
