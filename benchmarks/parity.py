@@ -50,12 +50,14 @@ from ggda.attribution.properties import QueryProperty  # noqa: E402
 from ggda.attribution.tracin import TracIn  # noqa: E402
 from ggda.attribution.trak import TRAK  # noqa: E402
 from ggda.data.bundled import MNIST5k  # noqa: E402
+from ggda.errors import GGDAError  # noqa: E402
 from ggda.evaluation.base import EvalContext, pearson_columns, spearman_columns  # noqa: E402
 from ggda.evaluation.lds import LDS  # noqa: E402
 from ggda.evaluation.retrain import RetrainService  # noqa: E402
 from ggda.grouping.base import Grouping, GroupingInputs  # noqa: E402
 from ggda.io import atomic_torch_save, stable_hash  # noqa: E402
 from ggda.models.functional import per_example_loss  # noqa: E402
+from ggda.stages import member_indices  # noqa: E402
 
 # dattri's published values (its MNIST-10 benchmark table), per-sample LDS
 REFERENCE = {
@@ -94,22 +96,54 @@ MODELS = {
 
 
 def methods(
-    model: str, ensemble_sizes: list[int], cg_iters: int, damping: float = 1e-3
+    model: str, ensemble_sizes: list[int], cg_iters: int, damping: dict[str, float]
 ) -> dict[str, object]:
-    """Method name -> attributor, dattri-like settings (IF on every parameter for LR)."""
+    """Method name -> attributor, dattri's settings: IF on every parameter, CG with its
+    ``max_iter`` steps; ``damping`` per IF solver (the best of each solver's sweep)."""
     out: dict[str, object] = {
         "IF (CG)": InfluenceFunction(
-            solver="cg", damping=damping, iterations=cg_iters, last_layer=(model != "lr")
+            solver="cg", damping=damping["cg"], iterations=cg_iters, last_layer=False
         ),
         "TracIn": TracIn(checkpoints="all"),
     }
     if model == "lr":  # dattri also reports the explicit Hessian inverse (~0.80) for LR
         out["IF (explicit)"] = InfluenceFunction(
-            solver="explicit", damping=damping, last_layer=False
+            solver="explicit", damping=damping["explicit"], last_layer=False
         )
     for e in ensemble_sizes:
-        out[f"TRAK-{e}"] = TRAK(proj_dim=512, kernel="points", ensemble_size=e)
+        out[f"TRAK-{e}"] = TRAK(proj_dim=512, kernel="points", ensemble_size=e, **TRAK_RECIPE)
     return out
+
+
+# dattri's (and TRAK's) ensemble recipe: models trained on random halves, the margin on the
+# query side, the loss weights 1 - p averaged over the ensemble (dattri's
+# ``experiments/benchmark_result.py`` uses its ``models_half`` checkpoints and the margin
+# as the TRAK task's loss, which its TRAK differentiates on both sides)
+TRAK_RECIPE = {"member_fraction": 0.5, "query_output": "margin", "q_average": "ensemble"}
+# TRAK ablation on the MLP: ggda's defaults, then one recipe change at a time, then all
+TRAK_ABLATION = {
+    "ggda defaults (full-data members, per-model 1 - p, loss queries)": {
+        "member_fraction": 1.0,
+        "query_output": "property",
+        "q_average": "model",
+    },
+    "+ 1 - p averaged over the ensemble": {
+        "member_fraction": 1.0,
+        "query_output": "property",
+        "q_average": "ensemble",
+    },
+    "+ margin on the query side": {
+        "member_fraction": 1.0,
+        "query_output": "margin",
+        "q_average": "model",
+    },
+    "+ members trained on random halves": {
+        "member_fraction": 0.5,
+        "query_output": "property",
+        "q_average": "model",
+    },
+    "dattri's recipe (all three)": TRAK_RECIPE,
+}
 
 
 def recipe_of(overrides: list[str]):
@@ -118,13 +152,22 @@ def recipe_of(overrides: list[str]):
     return pipeline.build_recipe(cfg.model), stable_hash({k: str(v) for k, v in cfg.model.items()})
 
 
-def train_checkpoints(recipe, bundle, seed: int, cache: Path, key: str) -> list[Checkpoint]:
-    """The lean training loop with a checkpoint at each save epoch, cached on disk."""
-    path = cache / "parity_models" / key / f"seed{seed}.pt"
+def train_checkpoints(
+    recipe, bundle, seed: int, cache: Path, key: str, fraction: float = 1.0
+) -> list[Checkpoint]:
+    """The lean training loop with a checkpoint at each save epoch, cached on disk.
+
+    ``fraction`` < 1: trained on ``ggda.stages.member_indices(n, fraction, seed)`` only.
+    """
+    name = f"seed{seed}.pt" if fraction >= 1 else f"seed{seed}-frac{fraction:g}.pt"
+    path = cache / "parity_models" / key / name
     if path.exists():
         return [Checkpoint(**c) for c in torch.load(path)]
     torch.manual_seed(seed)
     x, y = bundle.x_train, bundle.y_train
+    if fraction < 1:
+        idx = member_indices(len(y), fraction, seed)
+        x, y = x[idx], y[idx]
     net = recipe.build_net(tuple(x.shape[1:]), bundle.num_classes)
     opt, sched = recipe.build_optimizer(net.parameters())
     g = torch.Generator().manual_seed(seed)
@@ -172,13 +215,13 @@ def run_model(model: str, args, bundle, prop, rows: list[dict], write) -> None:
     base = train_checkpoints(recipe, bundle, 0, cache, key)
     net = recipe.build_net(bundle.input_shape, bundle.num_classes)
     net.load_state_dict(base[-1].state_dict)
-    members: dict[int, list[Checkpoint]] = {}
+    members: dict[tuple[int, float], list[Checkpoint]] = {}
 
-    def ensemble(count: int) -> list[list[Checkpoint]]:
+    def ensemble(count: int, fraction: float = 1.0) -> list[list[Checkpoint]]:
         for s in range(1, count + 1):
-            if s not in members:
-                members[s] = train_checkpoints(recipe, bundle, s, cache, key)
-        return [members[s] for s in range(1, count + 1)]
+            if (s, fraction) not in members:
+                members[s, fraction] = train_checkpoints(recipe, bundle, s, cache, key, fraction)
+        return [members[s, fraction] for s in range(1, count + 1)]
 
     backend = "process" if args.workers > 1 else "sequential"
     svc = RetrainService(cache, backend=backend, workers=args.workers).bind(
@@ -198,12 +241,15 @@ def run_model(model: str, args, bundle, prop, rows: list[dict], write) -> None:
         loo = GroupLOO(max_retrains=k + 1).attribute(task)
         loo_truth[k] = loo.scores
         print(f"[{model}] group LOO k={k} done", flush=True)
-    damping = args.if_damping
+    damping = {solver: args.if_damping for solver in if_solvers(model)}
     if args.if_grid:
         damping = damping_sweep(model, args, net, base, bundle, queries, ensemble, svc, prop, lds)
     for name, method in methods(model, sizes, args.cg_iters, damping).items():
-        if name.startswith("TRAK"):
-            ensemble(method.ensemble_size - 1)  # train members outside the timing
+        if name.startswith("TRAK"):  # train members outside the timing
+            if method.member_fraction < 1:
+                ensemble(method.ensemble_size, method.member_fraction)
+            else:
+                ensemble(method.ensemble_size - 1)
         per = {}
         for label, gr in groupings.items():
             task = _task(net, base, bundle, gr, queries, ensemble, svc, prop)
@@ -237,62 +283,113 @@ def run_model(model: str, args, bundle, prop, rows: list[dict], write) -> None:
         rows.append(row)
         write(rows)  # after every row: a run cut short still reports what it measured
         print(row, flush=True)
+    if args.ablation_size:
+        trak_ablation(model, args, net, base, bundle, queries, ensemble, svc, prop, lds)
+        write(rows)
 
 
-# IF damping (lambda on the mean-loss Hessian) per model -> per-sample point LDS
-SWEEPS: dict[str, dict[float, float]] = {}
+# TRAK ablation per model: setting -> per-sample point LDS
+ABLATIONS: dict[str, dict[str, float]] = {}
 
 
-def damping_sweep(model, args, net, base, bundle, queries, ensemble, svc, prop, lds) -> float:
+def trak_ablation(model, args, net, base, bundle, queries, ensemble, svc, prop, lds) -> None:
+    """Per-sample TRAK-E LDS under ggda's defaults and each of dattri's recipe changes."""
+    n = bundle.n_train
+    gr = Grouping(torch.arange(n), n)
+    e = args.ablation_size
+    ABLATIONS[model] = {}
+    for label, kw in TRAK_ABLATION.items():
+        method = TRAK(proj_dim=512, kernel="points", ensemble_size=e, **kw)
+        if method.member_fraction < 1:
+            ensemble(e, method.member_fraction)
+        else:
+            ensemble(e - 1)
+        res = method.attribute(_task(net, base, bundle, gr, queries, ensemble, svc, prop))
+        ev = lds.evaluate(EvalContext(bundle, gr, res.scores, prop, svc))
+        ABLATIONS[model][label] = ev.metrics["point/mean"]
+        print(f"[{model}] TRAK-{e} {label}: LDS {ABLATIONS[model][label]:.3f}", flush=True)
+
+
+def ablation_table(size: int) -> str:
+    if not ABLATIONS:
+        return ""
+    labels = list(TRAK_ABLATION)
+    lines = [
+        f"## TRAK-{size}: ggda's defaults against dattri's recipe (per-sample LDS)",
+        "",
+        "| setting | " + " | ".join(ABLATIONS) + " |",
+        "|---|" + "---|" * len(ABLATIONS),
+    ]
+    for label in labels:
+        cells = [f"{ABLATIONS[m][label]:.3f}" if label in ABLATIONS[m] else "" for m in ABLATIONS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+# IF damping (lambda on the mean-loss Hessian) per (model, solver) -> per-sample point LDS
+# (NaN: CG met non-positive curvature, H + lambda I is not positive definite)
+SWEEPS: dict[tuple[str, str], dict[float, float]] = {}
+
+
+def if_solvers(model: str) -> list[str]:
+    """The IF solvers of the model's rows (explicit only where the Hessian fits: LR)."""
+    return ["cg", "explicit"] if model == "lr" else ["cg"]
+
+
+def damping_sweep(model, args, net, base, bundle, queries, ensemble, svc, prop, lds) -> dict:
     """dattri's IF protocol: per-sample LDS at every damping of its grid, keep the best.
 
-    dattri's MNIST-10 benchmark runs its IF attributor at each regularization in
-    {1, 0.1, 0.01, 5e-3, 1e-3, 1e-4, 1e-5} and reports the best LDS. Here the sweep uses
-    the exact solve for LR (the explicit damped inverse, what CG converges to) and CG on
-    the last layer for the MLP (as the table's IF rows); the IF rows then run at the best
-    value. The sweep is recorded in the output.
+    dattri's MNIST-10 benchmark runs each IF attributor (explicit; CG with max_iter 10) on
+    every parameter at each regularization in {1, 0.1, 0.01, 5e-3, 1e-3, 1e-4, 1e-5} and
+    reports the best LDS; so does this, per solver. A damping at which CG meets
+    non-positive curvature is recorded as NaN (ggda refuses it; dattri's CG runs on). The
+    IF rows then run at each solver's best value.
     """
-    task = _task(
-        net,
-        base,
-        bundle,
-        Grouping(torch.arange(bundle.n_train), bundle.n_train),
-        queries,
-        ensemble,
-        svc,
-        prop,
-    )
-    SWEEPS[model] = {}
-    for r in args.if_grid:
-        if model == "lr":
-            method = InfluenceFunction(solver="explicit", damping=r, last_layer=False)
-        else:
-            method = InfluenceFunction(
-                solver="cg", damping=r, iterations=args.cg_iters, last_layer=True
-            )
-        res = method.attribute(task)
-        ev = lds.evaluate(EvalContext(bundle, task.grouping, res.scores, prop, svc))
-        SWEEPS[model][r] = ev.metrics["point/mean"]
-        print(f"[{model}] IF damping {r:g}: LDS {SWEEPS[model][r]:.3f}", flush=True)
-    return max(SWEEPS[model], key=SWEEPS[model].get)
+    n = bundle.n_train
+    task = _task(net, base, bundle, Grouping(torch.arange(n), n), queries, ensemble, svc, prop)
+    best = {}
+    for solver in if_solvers(model):
+        sweep = SWEEPS[model, solver] = {}
+        for r in args.if_grid:
+            kw = {"iterations": args.cg_iters} if solver == "cg" else {}
+            method = InfluenceFunction(solver=solver, damping=r, last_layer=False, **kw)
+            try:
+                res = method.attribute(task)
+            except GGDAError as err:
+                print(f"[{model}] IF {solver} damping {r:g}: {err}", flush=True)
+                sweep[r] = float("nan")
+                continue
+            ev = lds.evaluate(EvalContext(bundle, task.grouping, res.scores, prop, svc))
+            sweep[r] = ev.metrics["point/mean"]
+            print(f"[{model}] IF {solver} damping {r:g}: LDS {sweep[r]:.3f}", flush=True)
+        done = {r: v for r, v in sweep.items() if v == v}
+        best[solver] = max(done, key=done.get) if done else args.if_damping
+    return best
 
 
-def sweep_table() -> str:
+def sweep_table(cg_iters: int) -> str:
     if not SWEEPS:
         return ""
     grid = sorted({r for sw in SWEEPS.values() for r in sw}, reverse=True)
     lines = [
         "## IF damping sweep (dattri's protocol: best per-sample LDS over its grid)",
         "",
-        "| model | " + " | ".join(f"{r:g}" for r in grid) + " | best |",
-        "|---|" + "---|" * (len(grid) + 1),
+        "| model | solver | " + " | ".join(f"{r:g}" for r in grid) + " | best |",
+        "|---|---|" + "---|" * (len(grid) + 1),
     ]
-    for model, sw in SWEEPS.items():
-        best = max(sw, key=sw.get)
-        cells = [f"{sw[r]:.3f}" if r in sw else "" for r in grid]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {best:g} ({sw[best]:.3f}) |")
-    solver = "LR: exact damped inverse; MLP: CG on the last layer"
-    return "\n".join(lines) + f"\n\n({solver}; the IF rows above run at the best value.)\n\n"
+    for (model, solver), sw in SWEEPS.items():
+        done = {r: v for r, v in sw.items() if v == v}
+        cells = [
+            (f"{sw[r]:.3f}" if sw[r] == sw[r] else "indefinite") if r in sw else "" for r in grid
+        ]
+        best = f"{max(done, key=done.get):g} ({max(done.values()):.3f})" if done else "none"
+        lines.append(f"| {model} | {solver} | " + " | ".join(cells) + f" | {best} |")
+    return (
+        "\n".join(lines) + f"\n\n(Every parameter; CG with {cg_iters} steps, as dattri's max_iter; "
+        "`indefinite`: CG met non-positive curvature, so H + damping I is not positive "
+        "definite and ggda refuses the solve. The IF rows above run at each solver's best "
+        "value.)\n\n"
+    )
 
 
 def _task(net, base, bundle, grouping, queries, ensemble, svc, prop) -> AttributionTask:
@@ -364,8 +461,13 @@ def main() -> None:
         help="IF damping sweep, best per-sample LDS kept (dattri's protocol); "
         "empty: use --if-damping",
     )
-    ap.add_argument("--cg-iters", type=int, default=100, help="IF conjugate-gradient steps")
+    ap.add_argument(
+        "--cg-iters", type=int, default=10, help="IF conjugate-gradient steps (dattri's max_iter)"
+    )
     ap.add_argument("--loo-ks", type=int, nargs="+", default=[20, 50])
+    ap.add_argument(
+        "--ablation-size", type=int, default=10, help="TRAK ablation ensemble size (0: none)"
+    )
     ap.add_argument("--models", nargs="+", default=["lr", "mlp"], choices=sorted(MODELS))
     ap.add_argument("--workers", type=int, default=1, help="> 1: a retrain process pool")
     ap.add_argument("--queries", type=int, default=500, help="test points used as queries")
@@ -377,6 +479,7 @@ def main() -> None:
     pipeline.configure_threads()
     if args.quick:
         args.subsets, args.ensembles, args.mlp_ensembles, args.loo_ks = 8, [2], [2], [5]
+        args.ablation_size = min(args.ablation_size, 2)
         args.if_grid = args.if_grid[:2]
         for m in MODELS.values():
             m[:] = [o for o in m if "epochs" not in o] + [
@@ -424,7 +527,15 @@ def main() -> None:
             "(one retrain per group), mean over queries.",
             "",
         ]
-        out.write_text("\n".join(head) + markdown(df) + "\n\n" + sweep_table() + notes(df) + "\n")
+        out.write_text(
+            "\n".join(head)
+            + markdown(df)
+            + "\n\n"
+            + sweep_table(args.cg_iters)
+            + ablation_table(args.ablation_size)
+            + notes(df)
+            + "\n"
+        )
 
     rows: list[dict] = []
     for model in args.models:

@@ -151,13 +151,14 @@ def cache_keys(
     )
 
 
-def base_model_key(recipe_key: str, seed: int, cfg: DictConfig) -> str:
+def base_model_key(recipe_key: str, seed: int, cfg: DictConfig, fraction: float = 1.0) -> str:
     """Key of a model trained with the recipe and seed (base model or ensemble member).
 
     Every result-deciding ``trainer`` key (precision, determinism, gradient clipping, ...)
-    is in it; the presentation ones (progress bars, accelerator) are not.
+    is in it; the presentation ones (progress bars, accelerator) are not. ``fraction`` < 1:
+    a model trained on the seed's :func:`ggda.stages.member_indices`.
     """
-    return stages.model_key(recipe_key, seed, trainer_results(cfg))
+    return stages.model_key(recipe_key, seed, trainer_results(cfg), fraction)
 
 
 def trainer_results(cfg: DictConfig) -> dict[str, Any]:
@@ -172,14 +173,21 @@ def trainer_results(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def model_store(cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe) -> ModelStore:
-    """The cache entry of the model trained with the run's recipe and ``seed``."""
+def model_store(
+    cfg: DictConfig, keys: dict[str, str], seed: int, recipe: Recipe, fraction: float = 1.0
+) -> ModelStore:
+    """The cache entry of the model trained with the run's recipe and ``seed``.
+
+    ``fraction`` < 1: the model trained on the seed's subset of the training set.
+    """
     meta = {
         "recipe": keys["recipe"],
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": seed,
     }
-    key = base_model_key(keys["recipe"], seed, cfg)
+    if fraction < 1:
+        meta["fraction"] = fraction
+    key = base_model_key(keys["recipe"], seed, cfg, fraction)
     return ModelStore(Path(cfg.paths.cache_dir) / "models", key, meta, recipe.save_epochs)
 
 
@@ -194,18 +202,33 @@ def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_member(
-    cfg: DictConfig, keys: dict[str, str], bundle: Any, recipe: Recipe, seed: int
+    cfg: DictConfig,
+    keys: dict[str, str],
+    bundle: Any,
+    recipe: Recipe,
+    seed: int,
+    fraction: float = 1.0,
 ) -> list[Checkpoint]:
     """Train (or reuse) the model of ``seed``; return its checkpoints.
 
-    Same Lightning path as the base model, without the attribution callbacks.
+    Same Lightning path as the base model, without the attribution callbacks. ``fraction``
+    < 1: trained on :func:`ggda.stages.member_indices` (n, fraction, seed) only.
     """
-    store = model_store(cfg, keys, seed, recipe)
+    store = model_store(cfg, keys, seed, recipe, fraction)
     if store.status() != "complete":
         store.lock()  # check (and wipe) only under the lock: another job may be mid-save
         try:
             if store.verify() != "complete":
-                log.info("Training ensemble member seed=%d into %s", seed, store.dir)
+                log.info(
+                    "Training ensemble member seed=%d%s into %s",
+                    seed,
+                    "" if fraction >= 1 else f" on {fraction:g} of the training set",
+                    store.dir,
+                )
+                if fraction < 1:
+                    bundle = bundle.train_subset(
+                        stages.member_indices(bundle.n_train, fraction, seed)
+                    )
                 pl.seed_everything(seed, workers=True, verbose=False)
                 module = GGDAModule(
                     recipe.build_net(bundle.input_shape, bundle.num_classes), recipe, seed
@@ -551,8 +574,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         evaluators=tuple(evaluators),
         cache=cache,
         # TRAK's ensemble: models of seeds seed+1.. trained and cached like the base model
-        ensemble=lambda count: [
-            train_member(cfg, keys, bundle, recipe, int(cfg.seed) + i) for i in range(1, count + 1)
+        # (on seeded random subsets when fraction < 1)
+        ensemble=lambda count, fraction=1.0: [
+            train_member(cfg, keys, bundle, recipe, int(cfg.seed) + i, fraction)
+            for i in range(1, count + 1)
         ],
     )
     ctx = RunContext(objects=objects, run_dir=run_dir, loggers=loggers)

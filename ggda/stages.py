@@ -71,7 +71,7 @@ def recipe_key(data_key: str, model: Mapping[str, Any]) -> str:
     return stable_hash({"data": data_key, "model": dict(model)})
 
 
-def model_key(recipe_key: str, seed: int, trainer: Mapping[str, Any]) -> str:
+def model_key(recipe_key: str, seed: int, trainer: Mapping[str, Any], fraction: float = 1.0) -> str:
     """Key of a model trained with the recipe and seed (base model or ensemble member).
 
     Args:
@@ -80,8 +80,24 @@ def model_key(recipe_key: str, seed: int, trainer: Mapping[str, Any]) -> str:
         trainer: the result-deciding ``trainer`` keys (precision, determinism, gradient
             clipping, ...; without presentation keys such as progress bars), precision
             spelled out (``32-true`` by default).
+        fraction: < 1 for a model trained on :func:`member_indices` (seed, fraction) of
+            the training set; a full-data model's key does not name it.
     """
-    return stable_hash({"recipe": recipe_key, "seed": int(seed), "trainer": dict(trainer)})
+    key = {"recipe": recipe_key, "seed": int(seed), "trainer": dict(trainer)}
+    if fraction < 1:
+        key["fraction"] = float(fraction)
+    return stable_hash(key)
+
+
+def member_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """The training points of a model trained on a fraction of the data: (round(f n),) sorted.
+
+    A seeded random subset, one per seed, so each ensemble member sees its own
+    (TRAK's ensembles are trained on random halves).
+    """
+    size = min(n, max(1, round(fraction * n)))
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=gen)[:size].sort().values
 
 
 def retrain_key(recipe_key: str, precision: str = DEFAULT_PRECISION) -> str:

@@ -44,3 +44,18 @@ def test_bundle_validation_names_the_problem():
     x_nan[0, 0] = float("nan")
     with pytest.raises(GGDAError, match="NaN"):
         DataBundle("d", x, y, x_nan, y, x, y, 2, torch.arange(3)).validate()
+
+
+def test_train_subset_restricts_the_training_split_only():
+    from factory import tiny_bundle
+
+    b = tiny_bundle(n=30)
+    b.noise_mask = torch.arange(30) % 3 == 0
+    b.clean_y_train = b.y_train.clone()
+    idx = torch.tensor([2, 5, 11, 29])
+    s = b.train_subset(idx)
+    assert s.n_train == 4 and torch.equal(s.x_train, b.x_train[idx])
+    assert torch.equal(s.y_train, b.y_train[idx]) and torch.equal(s.noise_mask, b.noise_mask[idx])
+    assert torch.equal(s.clean_y_train, b.clean_y_train[idx])
+    assert s.x_test is b.x_test and torch.equal(s.query_idx, b.query_idx)
+    assert b.n_train == 30  # the original is untouched

@@ -273,3 +273,24 @@ def test_callbacks_in_the_wrong_order_are_refused_before_training():
         _check_callback_order(bad, [EvaluationCallback(), Attr()])
     with pytest.raises(ConfigError, match="callbacks"):
         _check_callback_order(OmegaConf.create({"callbacks": {"e": node}}), [EvaluationCallback()])
+
+
+def test_member_model_keys():
+    """A full-data member keeps its old key; a subset-trained one has its own per fraction."""
+    trainer = {"deterministic": True, "precision": "32-true"}
+    full = stages.model_key("r", 3, trainer)
+    assert stages.model_key("r", 3, trainer, 1.0) == full
+    half = stages.model_key("r", 3, trainer, 0.5)
+    assert half not in (full, stages.model_key("r", 3, trainer, 0.25))
+    assert half != stages.model_key("r", 4, trainer, 0.5)
+
+
+def test_member_indices_are_seeded_sorted_subsets():
+    a = stages.member_indices(101, 0.5, seed=1)
+    assert torch.equal(a, stages.member_indices(101, 0.5, seed=1))
+    assert a.numel() == 50 and torch.equal(a, a.sort().values) and a.unique().numel() == 50
+    assert int(a.min()) >= 0 and int(a.max()) < 101
+    b = stages.member_indices(101, 0.5, seed=2)
+    assert not torch.equal(a, b)
+    assert stages.member_indices(10, 1.0, seed=0).tolist() == list(range(10))
+    assert stages.member_indices(10, 0.01, seed=0).numel() == 1

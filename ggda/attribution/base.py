@@ -54,8 +54,10 @@ class AttributionTask:
         device: where to compute.
         ensemble: ``ensemble(count)`` returns the checkpoint lists of ``count`` models
             trained independently with the base model's recipe (seeds seed+1..seed+count),
-            trained and cached through the same Lightning path as the base model. None when
-            the caller cannot train (plain Python use without a pipeline).
+            trained and cached through the same Lightning path as the base model;
+            ``ensemble(count, fraction)`` with fraction < 1 trains each on its seed's
+            random subset of that fraction of the training set. None when the caller
+            cannot train (plain Python use without a pipeline).
         retrain: the bound retraining service (group leave-one-out needs it), or None.
         prop: the property object behind ``queries`` (``values(logits, bundle)``), or None.
         bundle: the data bundle (splits the property reads), or None.
@@ -70,7 +72,7 @@ class AttributionTask:
     grouping: Grouping
     queries: PropertyExamples
     device: torch.device | str = "cpu"
-    ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
+    ensemble: Callable[..., list[list[Checkpoint]]] | None = None
     retrain: Retrainer | None = None
     prop: Any = None
     bundle: DataBundle | None = None

@@ -9,7 +9,13 @@ For one model (one checkpoint), with P a seeded random projection (p, d) and F t
     tau_{jq} = phi_q^T (K + lambda I)^{-1} num_j
 
 and the scores are averaged over an ensemble of independently trained models (and over the
-chosen checkpoints of each). The kernel K (d, d) is
+chosen checkpoints of each). Over an ensemble TRAK weights the points once, after the
+average (``q_average: ensemble``, the paper's formula): tau = [mean_t phi_q^t
+(K_t + lambda I)^{-1} Phi_t^T] Qbar with Qbar_i = mean_t (1 - p_i^t), i.e. the numerator at
+checkpoint t is num_j^t = sum_{i in G_j} Qbar_i phi_i^t; with one checkpoint the two lines
+above are that formula. The ensemble's models can be trained on random subsets
+(``member_fraction``, TRAK's recipe: 0.5) and the query side can use the margin
+(``query_output: margin``) instead of the property's measurement. The kernel K (d, d) is
 
 - ``points``: K = sum_i phi(z_i) phi(z_i)^T over all n training points (faithful; needs n
   projected per-sample gradients, streamed, never held), or
@@ -26,18 +32,20 @@ singleton groups (k = n) take that one-pass path whatever the kernel setting.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
 from ggda.attribution.base import AttributionResult, AttributionTask, Checkpoint
 from ggda.attribution.loop import GradientAttributor, Step
-from ggda.errors import check_choice, check_float, check_int
+from ggda.errors import GGDAError, check_choice, check_float, check_int
 from ggda.gradients import (
     BACKENDS,
     PROJ_STRUCTURES,
     PROJ_TYPES,
     fallback_params,
+    iter_group_gradients,
     iter_weighted_group_gradients,
 )
 from ggda.gradients.group import UncoveredParams
@@ -46,6 +54,8 @@ from ggda.models.functional import margin, per_example_loss
 log = logging.getLogger(__name__)
 
 KERNELS = ("points", "groups")
+Q_AVERAGES = ("ensemble", "model")
+QUERY_OUTPUTS = ("property", "margin")
 
 
 def loss_weight(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,6 +121,24 @@ class TRAK(GradientAttributor):
             held when it fits the projector's cache, the reference) | ``kronecker``
             (per-layer two-sided projections of the layer factors; the feature size is
             at most proj_dim, recorded as ``proj_dim_used``).
+        q_average: where the loss weights Q = diag(1 - p_i) enter. ``ensemble`` (TRAK's
+            formula): tau = [mean_t phi_q^t (K_t + lambda I)^{-1} Phi_t^T] Qbar with
+            Qbar_i = mean_t (1 - p_i^t) over the ensemble's checkpoints t, so the group
+            numerator is num_j^t = sum_{i in G_j} Qbar_i phi_i^t; ``model``: each
+            checkpoint's own (1 - p_i^t) (num_j^t = -P^T grad L_{G_j} at t). The two agree
+            for one checkpoint; on an ensemble of well-fitted models the per-checkpoint
+            weights differ by orders of magnitude between members, and one member's
+            scores dominate each point.
+        query_output: the query side's output function. ``property``: the property's own
+            measurement (phi_q = P^T grad f_q); ``margin``: TRAK's margin of each
+            property example, whatever the property measures (per checkpoint this rescales
+            a loss query's gradient by 1 / (1 - p_q^t), which weights the ensemble's
+            members per query).
+        member_fraction: fraction of the training set each ensemble model is trained on,
+            in (0, 1]. 1: the base model plus ensemble_size - 1 full-data models of
+            further seeds; < 1 (TRAK's recipe uses 0.5): ensemble_size models, each trained
+            on its own seeded random subset of that fraction (the full-data base model is
+            not one of them).
     """
 
     name = "trak"
@@ -135,6 +163,9 @@ class TRAK(GradientAttributor):
         backend: str = "factored",
         max_points: int = 2048,
         proj_structure: str = "dense",
+        q_average: str = "ensemble",
+        query_output: str = "property",
+        member_fraction: float = 1.0,
     ) -> None:
         self.proj_dim = check_int("method.proj_dim", proj_dim, 1)
         self.proj_type = check_choice("method.proj_type", proj_type, PROJ_TYPES)
@@ -151,31 +182,72 @@ class TRAK(GradientAttributor):
         self.backend = check_choice("method.backend", backend, BACKENDS)
         self.max_points = check_int("method.max_points", max_points, 1)
         self.proj_structure = check_choice("method.proj_structure", proj_structure, PROJ_STRUCTURES)
+        self.q_average = check_choice("method.q_average", q_average, Q_AVERAGES)
+        self.query_output = check_choice("method.query_output", query_output, QUERY_OUTPUTS)
+        self.member_fraction = check_float(
+            "method.member_fraction", member_fraction, 0.0, 1.0, lo_open=True
+        )
+        # Qbar (n,) of the current run (q_average=ensemble), set by models()
+        self._qbar: torch.Tensor | None = None
 
     # -- models ---------------------------------------------------------------------------
     def models(self, task: AttributionTask) -> list[list[Checkpoint]]:
-        """Checkpoint lists of the ensemble: the base model first."""
-        models = [task.checkpoints]
-        extra = self.ensemble_size - 1
-        if extra > 0:
+        """Checkpoint lists of the ensemble (the base model first when it is one of them).
+
+        With ``q_average=ensemble`` this also sets Qbar (n,), the mean of 1 - p_i over
+        every checkpoint the run will use (one forward pass over n per checkpoint).
+        """
+        if self.member_fraction < 1:
             if task.ensemble is None:
-                log.warning(
-                    "TRAK: ensemble_size=%d but this task cannot train ensemble members "
-                    "(no pipeline); using the base model only",
-                    self.ensemble_size,
+                raise GGDAError(
+                    f"TRAK: method.member_fraction={self.member_fraction:g} trains the "
+                    "ensemble's models on subsets, but this task cannot train models (no "
+                    "pipeline); run it through run.py, give the AttributionTask an "
+                    "`ensemble(count, fraction)` callable, or set method.member_fraction=1"
                 )
-            else:
-                models += task.ensemble(extra)
+            models = task.ensemble(self.ensemble_size, self.member_fraction)
+        else:
+            models = [task.checkpoints]
+            extra = self.ensemble_size - 1
+            if extra > 0:
+                if task.ensemble is None:
+                    log.warning(
+                        "TRAK: ensemble_size=%d but this task cannot train ensemble members "
+                        "(no pipeline); using the base model only",
+                        self.ensemble_size,
+                    )
+                else:
+                    models += task.ensemble(extra)
+        self._qbar = self._mean_q(task, models) if self.q_average == "ensemble" else None
         return models
+
+    def _mean_q(self, task: AttributionTask, models: list[list[Checkpoint]]) -> torch.Tensor:
+        """Qbar_i = mean over the run's checkpoints t of 1 - p_i^t: (n,), float64 sums."""
+        net = task.net.to(task.device).eval()
+        n = task.y_train.shape[0]
+        total = torch.zeros(n, dtype=torch.float64, device=task.device)
+        count = 0
+        with torch.no_grad():
+            for cks in models:
+                for ck in self.pick(cks):
+                    net.load_state_dict(ck.state_dict)
+                    for s in range(0, n, self.max_points):
+                        logits = net(task.x_train[s : s + self.max_points].to(task.device))
+                        y = task.y_train[s : s + self.max_points].to(task.device)
+                        total[s : s + self.max_points] += -loss_weight(logits, y).double()
+                    count += 1
+        return (total / max(count, 1)).to(next(net.parameters()).dtype)
 
     def features(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel K (d, d) and group numerators num (k, d) at one checkpoint.
 
-        ``points``: K = sum_i phi_i phi_i^T and num_j = sum_{i in G_j} (1 - p_i) phi_i from
-        one stream of per-sample margin features; ``groups``: K = sum_j phi_{G_j}
-        phi_{G_j}^T / |G_j| from the group margin features, num_j = -P^T grad L_{G_j} from
-        the group loss gradients: on the factored path both from one capture pass
-        (:func:`~ggda.gradients.iter_weighted_group_gradients`), else two streams.
+        num_j = sum_{i in G_j} q_i phi_i with q_i = Qbar_i (``q_average=ensemble``) or this
+        checkpoint's 1 - p_i (``model``, then num_j = -P^T grad L_{G_j}).
+        ``points``: K = sum_i phi_i phi_i^T and num from one stream of per-sample margin
+        features; ``groups``: K = sum_j phi_{G_j} phi_{G_j}^T / |G_j| from the group
+        margin features and num from a weighted group gradient: on the factored path both
+        from one capture pass (:func:`~ggda.gradients.iter_weighted_group_gradients`),
+        else two streams.
         """
         net, task = step.net, step.task
         k = task.grouping.k
@@ -186,27 +258,49 @@ class TRAK(GradientAttributor):
         kern = torch.zeros(d, d, dtype=dtype, device=device)
         num = torch.zeros(k, d, dtype=dtype, device=device)
         n = task.y_train.shape[0]
+        qbar = None if self._qbar is None else self._qbar.to(device=device, dtype=dtype)
         # With singleton groups the group kernel *is* the points kernel, and the points
         # path needs one gradient pass instead of two (margin and loss).
         if self.kernel == "points" or k == n:
             for idx, phi in step.gradients(margin, torch.arange(n), n):
                 phi = phi.detach()
                 kern += phi.T @ phi
-                logits = net(task.x_train[idx].to(device))
-                q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
+                if qbar is not None:
+                    q = qbar[idx.to(device)]
+                else:
+                    logits = net(task.x_train[idx].to(device))
+                    q = 1 - torch.sigmoid(margin(logits, task.y_train[idx].to(device)))
                 num.index_add_(0, gid[idx].to(device), q.detach().to(phi)[:, None] * phi)
             return kern, num
         sizes = task.grouping.sizes().to(device=device, dtype=dtype)
+        # Point indices stand in for the labels so that a weight can be looked up per
+        # point: fn(logits, i) = margin(logits, y_i) and the weight w_i = Qbar_i.
+        ids, labels = torch.arange(n), task.y_train.to(device)
+
+        def margin_of(logits: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return margin(logits, labels[i])
+
+        def qbar_of(logits: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return qbar[i]
+
+        def weighted_margin(logits: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return qbar[i] * margin(logits, labels[i])
+
         if self.backend == "factored":
-            # One capture pass for both: grad loss_i = -(1 - p_i) grad margin_i.
+            # One capture pass for both: with q_average=model, grad loss_i =
+            # -(1 - p_i) grad margin_i gives num_j = -(the weighted gradient).
+            if qbar is None:
+                y, fn, weight_fn, sign = task.y_train, margin, loss_weight, -1.0
+            else:
+                y, fn, weight_fn, sign = ids, margin_of, qbar_of, 1.0
             pairs = iter_weighted_group_gradients(
                 net,
                 task.x_train,
-                task.y_train,
+                y,
                 gid,
                 k,
-                margin,
-                loss_weight,
+                fn,
+                weight_fn,
                 params=step.params,
                 projector=step.projector,
                 max_points=step.max_points,
@@ -216,15 +310,30 @@ class TRAK(GradientAttributor):
                     rows = groups.to(device)
                     phi = phi.detach()
                     kern += phi.T @ (phi / sizes[rows][:, None])
-                    num[rows] = -g.detach()
+                    num[rows] = sign * g.detach()
                 return kern, num
             except UncoveredParams:
                 pass  # a parameter without a layer rule, raised before the first chunk
         for groups, phi in step.gradients(margin, gid, k):
             phi = phi.detach()
             kern += phi.T @ (phi / sizes[groups.to(device)][:, None])
-        for groups, g in step.gradients(per_example_loss, gid, k):
-            num[groups.to(device)] = -g.detach()
+        if qbar is None:
+            for groups, g in step.gradients(per_example_loss, gid, k):
+                num[groups.to(device)] = -g.detach()
+        else:
+            for groups, g in iter_group_gradients(
+                net,
+                task.x_train,
+                ids,
+                gid,
+                k,
+                weighted_margin,
+                params=step.params,
+                projector=step.projector,
+                backend=step.backend,
+                max_points=step.max_points,
+            ):
+                num[groups.to(device)] = g.detach()
         return kern, num
 
     # -- hooks of the shared loop (A = K + lambda I, mean over the checkpoints) -----------
@@ -262,6 +371,16 @@ class TRAK(GradientAttributor):
 
     def attribute(self, task: AttributionTask) -> AttributionResult:
         """Scores (k, m), averaged over the ensemble's checkpoints."""
+        if self.query_output == "margin" and task.queries.measurement != "margin":
+            if task.queries.fn is not None:
+                raise GGDAError(
+                    "TRAK: method.query_output=margin needs a property of per-example "
+                    "measurements, but this property defines its rows by a function; set "
+                    "method.query_output=property"
+                )
+            task = dataclasses.replace(
+                task, queries=dataclasses.replace(task.queries, measurement="margin")
+            )
         return super().attribute(task)
 
     def self_attribute(self, task: AttributionTask) -> AttributionResult:

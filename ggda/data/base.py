@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -65,6 +65,25 @@ class DataBundle:
             "label_noise_flipped": 0 if self.noise_mask is None else int(self.noise_mask.sum()),
             **{k: v for k, v in self.meta.items() if k != "vocab"},
         }
+
+    def train_subset(self, idx: torch.Tensor) -> DataBundle:
+        """The bundle with the training split restricted to ``idx`` (r,): (r, ...) tensors.
+
+        Validation, test and queries are unchanged (a model trained on a subset is still
+        measured on the same queries).
+        """
+        idx = idx.long()
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return replace(
+            self,
+            x_train=self.x_train[idx],
+            y_train=self.y_train[idx],
+            noise_mask=pick(self.noise_mask),
+            clean_y_train=pick(self.clean_y_train),
+        )
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of split ``train`` | ``val`` | ``test``."""

@@ -24,8 +24,33 @@ def _grad(net, out):
     return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
 
 
-def brute_force_trak(task, measurement, damping, kernel, seed=0, checkpoint=-1):
-    """TRAK for one checkpoint with explicit loops; numerator from (1 - p_i) phi_i."""
+def brute_force_qbar(task, models):
+    """Qbar_i = mean over every checkpoint of every model of 1 - p_i, by explicit loops."""
+    net, n = task.net, len(task.y_train)
+    rows = []
+    for cks in models:
+        for ck in cks:
+            net.load_state_dict(ck.state_dict)
+            with torch.no_grad():
+                rows.append(
+                    torch.stack(
+                        [
+                            1
+                            - torch.sigmoid(
+                                margin(net(task.x_train[i : i + 1]), task.y_train[i : i + 1])
+                            )[0]
+                            for i in range(n)
+                        ]
+                    )
+                )
+    return torch.stack(rows).mean(0)
+
+
+def brute_force_trak(task, measurement, damping, kernel, seed=0, checkpoint=-1, weights=None):
+    """TRAK for one checkpoint with explicit loops; numerator from w_i phi_i.
+
+    w_i = 1 - p_i at this checkpoint unless ``weights`` (n,) are given (Qbar).
+    """
     net = task.net
     net.load_state_dict(task.checkpoints[checkpoint].state_dict)
     f = measurement_fn(measurement)
@@ -56,7 +81,8 @@ def brute_force_trak(task, measurement, damping, kernel, seed=0, checkpoint=-1):
         xq, yq = task.queries.x[q : q + 1], task.queries.y[q : q + 1]
         phi_q = _grad(net, f(net(xq), yq).sum()) @ proj
         for j in range(k):
-            num = sum(weight[i] * phi[i] for i in range(n) if gid[i] == j)
+            w = weight if weights is None else weights
+            num = sum(w[i] * phi[i] for i in range(n) if gid[i] == j)
             out[j, q] = phi_q @ inv @ num
     return out
 
@@ -98,9 +124,13 @@ def test_points_kernel_group_scores_are_member_sums(backend):
     assert not torch.allclose(approx.scores, got, atol=1e-6)
 
 
-def test_ensemble_averages_models_and_checkpoints():
+@pytest.mark.parametrize("q_average", ["model", "ensemble"])
+@pytest.mark.parametrize("kernel", ["points", "groups"])
+def test_ensemble_averages_models_and_checkpoints(q_average, kernel):
+    """mean_t phi_q^t (K_t + lambda I)^{-1} sum_{i in G} w_i^t phi_i^t, w = 1 - p^t or Qbar."""
     n = 10
-    task = tiny_task(torch.arange(n), n, n=n)
+    gid = torch.arange(n) if kernel == "points" else torch.arange(n) % 4
+    task = tiny_task(gid, int(gid.max()) + 1, n=n)
     others = [perturbed_checkpoints(task.net, seed=s) for s in (5, 6)]
     calls = []
 
@@ -109,16 +139,109 @@ def test_ensemble_averages_models_and_checkpoints():
         return others[:count]
 
     task.ensemble = ensemble
-    got = TRAK(proj_dim=D, kernel="points", ensemble_size=3, checkpoints="all").attribute(task)
+    method = TRAK(
+        proj_dim=D, kernel=kernel, ensemble_size=3, checkpoints="all", q_average=q_average
+    )
+    got = method.attribute(task)
     assert calls == [2]
     assert got.info["ensemble_models"] == 3 and got.info["num_checkpoints"] == 6
+    models = [task.checkpoints, *others]
+    qbar = brute_force_qbar(task, models) if q_average == "ensemble" else None
     want = torch.zeros_like(got.scores)
-    for e, cks in enumerate([task.checkpoints, *others]):
+    for e, cks in enumerate(models):
         t = copy.copy(task)
         t.checkpoints = cks
         for c in range(len(cks)):
-            want += brute_force_trak(t, "loss", 0.01, "points", seed=e, checkpoint=c)
+            want += brute_force_trak(t, "loss", 0.01, kernel, seed=e, checkpoint=c, weights=qbar)
     assert torch.allclose(got.scores, want / 6, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["factored", "vmap"])
+def test_ensemble_weights_group_scores_are_member_sums(backend):
+    """With Qbar the points-kernel group score is still the sum of its members' scores, and
+    the group kernel's one capture pass (factored) equals the two streams (vmap)."""
+    n = 20
+    task = tiny_task(torch.arange(n), n, n=n)
+    other = perturbed_checkpoints(task.net, seed=7)
+    gid = torch.arange(n) % 6
+    tasks = {}
+    for name, (ids, k) in {"per": (torch.arange(n), n), "grp": (gid, 6)}.items():
+        tasks[name] = tiny_task(ids, k, n=n)
+        tasks[name].ensemble = lambda count: [other]
+    kw = {"proj_dim": D, "ensemble_size": 2, "q_average": "ensemble", "backend": backend}
+    per = TRAK(kernel="points", **kw).attribute(tasks["per"]).scores
+    grp = TRAK(kernel="points", **kw).attribute(tasks["grp"]).scores
+    member = tasks["grp"].grouping.membership(torch.float64)
+    assert torch.allclose(grp, member.T @ per, atol=1e-10)
+    fused = TRAK(kernel="groups", **kw).attribute(tasks["grp"]).scores
+    kw["backend"] = "loop"
+    ref = TRAK(kernel="groups", **kw).attribute(tasks["grp"]).scores
+    assert torch.allclose(fused, ref, atol=1e-10, rtol=1e-8)
+
+
+def test_one_checkpoint_q_average_does_not_matter():
+    n = 12
+    task = tiny_task(torch.arange(n) % 5, 5, n=n)
+    a = TRAK(proj_dim=D, kernel="groups", q_average="model").attribute(task).scores
+    b = TRAK(proj_dim=D, kernel="groups", q_average="ensemble").attribute(task).scores
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_query_output_margin_differentiates_the_margin_of_a_loss_property():
+    n = 12
+    task = tiny_task(torch.arange(n), n, kind="mlp", measurement="loss", n=n)
+    got = TRAK(proj_dim=D, kernel="points", damping=0.1, query_output="margin").attribute(task)
+    want = brute_force_trak(task, "margin", 0.1, "points")
+    assert torch.allclose(got.scores, want, atol=1e-10)
+    assert task.queries.measurement == "loss"  # the caller's task is left as it was
+    # per query it rescales the loss query's scores by 1 / (1 - p_q) > 0
+    loss = TRAK(proj_dim=D, kernel="points", damping=0.1).attribute(task).scores
+    ratio = got.scores / loss
+    assert torch.allclose(ratio, ratio[:1].expand_as(ratio), rtol=1e-6)
+    assert (ratio > 1).all()
+
+
+def test_query_output_margin_refuses_a_function_property():
+    import dataclasses
+
+    from ggda.errors import GGDAError
+
+    n = 8
+    task = tiny_task(torch.arange(n), n, n=n)
+    task.queries = dataclasses.replace(task.queries, fn=lambda logits, y: logits.sum(1))
+    with pytest.raises(GGDAError, match="query_output=property"):
+        TRAK(proj_dim=D, query_output="margin").attribute(task)
+
+
+def test_member_fraction_uses_subset_members_only():
+    """member_fraction < 1: ensemble(count, fraction) gives all the models, not the base."""
+    n = 10
+    task = tiny_task(torch.arange(n), n, n=n)
+    others = [perturbed_checkpoints(task.net, seed=s) for s in (5, 6)]
+    calls = []
+
+    def ensemble(count, fraction=1.0):
+        calls.append((count, fraction))
+        return others[:count]
+
+    task.ensemble = ensemble
+    got = TRAK(proj_dim=D, kernel="points", ensemble_size=2, member_fraction=0.5).attribute(task)
+    assert calls == [(2, 0.5)] and got.info["ensemble_models"] == 2
+    qbar = brute_force_qbar(task, [[cks[-1]] for cks in others])
+    want = torch.zeros_like(got.scores)
+    for e, cks in enumerate(others):
+        t = copy.copy(task)
+        t.checkpoints = cks
+        want += brute_force_trak(t, "loss", 0.01, "points", seed=e, weights=qbar)
+    assert torch.allclose(got.scores, want / 2, atol=1e-10)
+
+
+def test_member_fraction_without_pipeline_is_a_clear_error():
+    from ggda.errors import GGDAError
+
+    task = tiny_task(torch.arange(8), 8, n=8)
+    with pytest.raises(GGDAError, match="member_fraction=0.5.*member_fraction=1"):
+        TRAK(proj_dim=D, ensemble_size=2, member_fraction=0.5).attribute(task)
 
 
 @pytest.mark.parametrize("kernel", ["points", "groups"])
@@ -168,6 +291,10 @@ def test_self_attribution_brute_force():
         ({"ensemble_size": 0}, "method.ensemble_size"),
         ({"proj_type": "sparse"}, "method.proj_type"),
         ({"checkpoints": "best"}, "method.checkpoints"),
+        ({"q_average": "median"}, "method.q_average"),
+        ({"query_output": "loss"}, "method.query_output"),
+        ({"member_fraction": 0.0}, "method.member_fraction"),
+        ({"member_fraction": 1.5}, "method.member_fraction"),
     ],
 )
 def test_validation(kw, key):
@@ -189,6 +316,37 @@ def test_cli_end_to_end(tmp_path):
     scores = torch.load(run / "scores.pt")
     assert scores.shape == (metrics["attribution/k"], metrics["attribution/m"])
     assert torch.isfinite(scores).all() and "lds/point/mean" in metrics
+
+
+@pytest.mark.slow
+def test_cli_subset_trained_ensemble(tmp_path):
+    """`method.member_fraction=0.5`: two members trained on their own halves, cached with
+    the fraction in their metadata, the base model not among TRAK's models."""
+    import json
+
+    from factory import run_cli
+
+    args = [
+        "experiment=smoke",
+        "logger=none",
+        "method=trak",
+        "method.ensemble_size=2",
+        "method.member_fraction=0.5",
+        "method.query_output=margin",
+        "evaluation=none",
+    ]
+    res = run_cli(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Training ensemble member seed=1 on 0.5 of the training set" in res.stdout + res.stderr
+    (run,) = [p.parent for p in tmp_path.rglob("metrics.json")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["attribution/ensemble_models"] == 2
+    metas = [json.loads(p.read_text())["meta"] for p in tmp_path.rglob("models/*/manifest.json")]
+    assert sorted(m.get("fraction", 1.0) for m in metas) == [0.5, 0.5, 1.0]
+    assert torch.isfinite(torch.load(run / "scores.pt")).all()
+    # a second run reuses every model: nothing is trained again
+    res = run_cli(args, tmp_path)
+    assert res.returncode == 0 and "Training ensemble member" not in res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("structure", ["dense", "kronecker"])

@@ -31,7 +31,8 @@ class RunObjects:
         retrain: the bound retrain service.
         evaluators: the evaluations, in order.
         cache: where groupings and scores are cached (:class:`ggda.stages.ArtifactCache`).
-        ensemble: ``ensemble(count)`` trains (or reuses) further models of the recipe.
+        ensemble: ``ensemble(count[, fraction])`` trains (or reuses) further models of the
+            recipe (on seeded random subsets when fraction < 1).
     """
 
     bundle: DataBundle
@@ -42,7 +43,7 @@ class RunObjects:
     retrain: RetrainService
     evaluators: tuple[Evaluator, ...]
     cache: ArtifactCache
-    ensemble: Callable[[int], list[list[Checkpoint]]] | None = None
+    ensemble: Callable[..., list[list[Checkpoint]]] | None = None
 
 
 @dataclass
