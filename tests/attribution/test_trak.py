@@ -179,12 +179,20 @@ def test_ensemble_weights_group_scores_are_member_sums(backend):
     assert torch.allclose(fused, ref, atol=1e-10, rtol=1e-8)
 
 
-def test_one_checkpoint_q_average_does_not_matter():
+def test_one_checkpoint_q_average_does_not_matter(monkeypatch):
+    """Qbar of one checkpoint is its own 1 - p: no extra forward pass, the same scores."""
     n = 12
     task = tiny_task(torch.arange(n) % 5, 5, n=n)
     a = TRAK(proj_dim=D, kernel="groups", q_average="model").attribute(task).scores
+    calls = []
+    real = TRAK._mean_q
+    monkeypatch.setattr(TRAK, "_mean_q", lambda self, *a: calls.append(1) or real(self, *a))
     b = TRAK(proj_dim=D, kernel="groups", q_average="ensemble").attribute(task).scores
-    assert torch.allclose(a, b, atol=1e-10)
+    assert not calls and torch.equal(a, b)
+    # with two checkpoints Qbar is formed, and it matters
+    c = TRAK(proj_dim=D, kernel="groups", checkpoints="all").attribute(task).scores
+    d = TRAK(proj_dim=D, kernel="groups", checkpoints="all", q_average="model")
+    assert calls and not torch.allclose(c, d.attribute(task).scores, atol=1e-8)
 
 
 def test_query_output_margin_differentiates_the_margin_of_a_loss_property():
